@@ -7,7 +7,26 @@
 //! allocator. It performs no I/O of its own: no sockets, no threads, no
 //! global state. Transports (the vhost-user daemon, tests, benchmarks) feed
 //! it request bytes and carry its answers back.
+//!
+//! The only `unsafe` in the crate is the `ByteValued` marker on the wire
+//! structs (`wire.rs`), each preceded by compile-time proof that the struct
+//! has no padding.
 
 #![deny(unsafe_code)]
 
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod mapping;
 pub mod pasid;
+pub mod translate;
+pub mod wire;
+
+pub use config::{DeviceConfig, EndpointSet, ReservedRegion};
+pub use device::{Response, StateChange, Viommu};
+pub use error::RequestError;
+pub use mapping::{Mapping, MappingTree};
+pub use translate::{Access, Fault, TranslateError, Translation};
+
+#[cfg(test)]
+mod spec_tests;

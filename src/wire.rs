@@ -1,0 +1,454 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Wire formats of virtio-iommu 1.3: constants named as in the spec and the
+//! `#[repr(C)]` structures the driver and the device exchange.
+//!
+//! Every structure is a plain little-endian record with no padding. The
+//! `byte_valued!` macro below proves that at compile time (the size of the
+//! struct must equal the sum of its fields' sizes, and every field must itself
+//! be `ByteValued`) before it implements `ByteValued`, which is the only
+//! `unsafe` of this crate.
+
+use vm_memory::{ByteValued, Le16, Le32, Le64};
+
+// Feature bits (virtio-iommu 1.3, §5.13.3).
+pub const VIRTIO_IOMMU_F_INPUT_RANGE: u32 = 0;
+pub const VIRTIO_IOMMU_F_DOMAIN_RANGE: u32 = 1;
+pub const VIRTIO_IOMMU_F_MAP_UNMAP: u32 = 2;
+/// Legacy bypass bit; never offered (superseded by BYPASS_CONFIG).
+pub const VIRTIO_IOMMU_F_BYPASS: u32 = 3;
+pub const VIRTIO_IOMMU_F_PROBE: u32 = 4;
+pub const VIRTIO_IOMMU_F_MMIO: u32 = 5;
+pub const VIRTIO_IOMMU_F_BYPASS_CONFIG: u32 = 6;
+
+// Request types.
+pub const VIRTIO_IOMMU_T_ATTACH: u8 = 1;
+pub const VIRTIO_IOMMU_T_DETACH: u8 = 2;
+pub const VIRTIO_IOMMU_T_MAP: u8 = 3;
+pub const VIRTIO_IOMMU_T_UNMAP: u8 = 4;
+pub const VIRTIO_IOMMU_T_PROBE: u8 = 5;
+
+// Status codes.
+pub const VIRTIO_IOMMU_S_OK: u8 = 0;
+pub const VIRTIO_IOMMU_S_IOERR: u8 = 1;
+pub const VIRTIO_IOMMU_S_UNSUPP: u8 = 2;
+pub const VIRTIO_IOMMU_S_DEVERR: u8 = 3;
+pub const VIRTIO_IOMMU_S_INVAL: u8 = 4;
+pub const VIRTIO_IOMMU_S_RANGE: u8 = 5;
+pub const VIRTIO_IOMMU_S_NOENT: u8 = 6;
+pub const VIRTIO_IOMMU_S_FAULT: u8 = 7;
+pub const VIRTIO_IOMMU_S_NOMEM: u8 = 8;
+
+// ATTACH flags.
+pub const VIRTIO_IOMMU_ATTACH_F_BYPASS: u32 = 1 << 0;
+
+// MAP flags.
+pub const VIRTIO_IOMMU_MAP_F_READ: u32 = 1 << 0;
+pub const VIRTIO_IOMMU_MAP_F_WRITE: u32 = 1 << 1;
+pub const VIRTIO_IOMMU_MAP_F_MMIO: u32 = 1 << 2;
+
+// PROBE properties.
+pub const VIRTIO_IOMMU_PROBE_T_NONE: u16 = 0;
+pub const VIRTIO_IOMMU_PROBE_T_RESV_MEM: u16 = 1;
+pub const VIRTIO_IOMMU_PROBE_T_MASK: u16 = 0xfff;
+pub const VIRTIO_IOMMU_RESV_MEM_T_RESERVED: u8 = 0;
+pub const VIRTIO_IOMMU_RESV_MEM_T_MSI: u8 = 1;
+
+// Fault reasons and flags.
+pub const VIRTIO_IOMMU_FAULT_R_UNKNOWN: u8 = 0;
+pub const VIRTIO_IOMMU_FAULT_R_DOMAIN: u8 = 1;
+pub const VIRTIO_IOMMU_FAULT_R_MAPPING: u8 = 2;
+pub const VIRTIO_IOMMU_FAULT_F_READ: u32 = 1 << 0;
+pub const VIRTIO_IOMMU_FAULT_F_WRITE: u32 = 1 << 1;
+pub const VIRTIO_IOMMU_FAULT_F_EXEC: u32 = 1 << 2;
+pub const VIRTIO_IOMMU_FAULT_F_ADDRESS: u32 = 1 << 8;
+
+/// Implements `ByteValued` for a `#[repr(C)]` struct after proving, at
+/// compile time, that it has no padding and only `ByteValued` fields.
+macro_rules! byte_valued {
+    ($name:ident { $($field:ident: $ty:ty),+ $(,)? }, size = $size:expr) => {
+        const _: () = {
+            const fn field_is_byte_valued<T: ByteValued>() {}
+            $(field_is_byte_valued::<$ty>();)+
+            assert!(std::mem::size_of::<$name>() == $size);
+            assert!(std::mem::size_of::<$name>() == 0 $(+ std::mem::size_of::<$ty>())+);
+        };
+        // SAFETY: `$name` is `#[repr(C)]`, every field is `ByteValued` (any
+        // bit pattern is valid) and the assertions above prove there is no
+        // padding, so any byte sequence of its size is a valid value.
+        #[allow(unsafe_code)]
+        unsafe impl ByteValued for $name {}
+    };
+}
+
+/// `struct virtio_iommu_config` (40 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioIommuConfig {
+    pub page_size_mask: Le64,
+    pub input_range_start: Le64,
+    pub input_range_end: Le64,
+    pub domain_range_start: Le32,
+    pub domain_range_end: Le32,
+    pub probe_size: Le32,
+    pub bypass: u8,
+    pub reserved: [u8; 3],
+}
+byte_valued!(
+    VirtioIommuConfig {
+        page_size_mask: Le64,
+        input_range_start: Le64,
+        input_range_end: Le64,
+        domain_range_start: Le32,
+        domain_range_end: Le32,
+        probe_size: Le32,
+        bypass: u8,
+        reserved: [u8; 3],
+    },
+    size = 40
+);
+
+/// Offset of `bypass` in the config space: the only field a driver may write.
+pub const CONFIG_BYPASS_OFFSET: usize = 0x24;
+
+/// `struct virtio_iommu_req_head` (device-readable).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReqHead {
+    pub req_type: u8,
+    pub reserved: [u8; 3],
+}
+byte_valued!(
+    ReqHead {
+        req_type: u8,
+        reserved: [u8; 3]
+    },
+    size = 4
+);
+
+/// `struct virtio_iommu_req_tail` (device-writable, last 4 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReqTail {
+    pub status: u8,
+    pub reserved: [u8; 3],
+}
+byte_valued!(
+    ReqTail {
+        status: u8,
+        reserved: [u8; 3]
+    },
+    size = 4
+);
+
+/// `struct virtio_iommu_req_attach` (24 bytes, tail included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttachReq {
+    pub head: ReqHead,
+    pub domain: Le32,
+    pub endpoint: Le32,
+    pub flags: Le32,
+    pub reserved: [u8; 4],
+    pub tail: ReqTail,
+}
+byte_valued!(
+    AttachReq {
+        head: ReqHead,
+        domain: Le32,
+        endpoint: Le32,
+        flags: Le32,
+        reserved: [u8; 4],
+        tail: ReqTail,
+    },
+    size = 24
+);
+
+/// `struct virtio_iommu_req_detach` (24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DetachReq {
+    pub head: ReqHead,
+    pub domain: Le32,
+    pub endpoint: Le32,
+    pub reserved: [u8; 8],
+    pub tail: ReqTail,
+}
+byte_valued!(
+    DetachReq {
+        head: ReqHead,
+        domain: Le32,
+        endpoint: Le32,
+        reserved: [u8; 8],
+        tail: ReqTail,
+    },
+    size = 24
+);
+
+/// `struct virtio_iommu_req_map` (40 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapReq {
+    pub head: ReqHead,
+    pub domain: Le32,
+    pub virt_start: Le64,
+    pub virt_end: Le64,
+    pub phys_start: Le64,
+    pub flags: Le32,
+    pub tail: ReqTail,
+}
+byte_valued!(
+    MapReq {
+        head: ReqHead,
+        domain: Le32,
+        virt_start: Le64,
+        virt_end: Le64,
+        phys_start: Le64,
+        flags: Le32,
+        tail: ReqTail,
+    },
+    size = 40
+);
+
+/// `struct virtio_iommu_req_unmap` (32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnmapReq {
+    pub head: ReqHead,
+    pub domain: Le32,
+    pub virt_start: Le64,
+    pub virt_end: Le64,
+    pub reserved: [u8; 4],
+    pub tail: ReqTail,
+}
+byte_valued!(
+    UnmapReq {
+        head: ReqHead,
+        domain: Le32,
+        virt_start: Le64,
+        virt_end: Le64,
+        reserved: [u8; 4],
+        tail: ReqTail,
+    },
+    size = 32
+);
+
+/// Device-readable part of `struct virtio_iommu_req_probe` (72 bytes); the
+/// writable part is `probe_size` bytes of properties followed by the tail.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeReq {
+    pub head: ReqHead,
+    pub endpoint: Le32,
+    // The spec's `reserved[64]`, in two halves because vm-memory implements
+    // `ByteValued` for arrays of up to 32 elements only.
+    pub reserved: [u8; 32],
+    pub reserved_hi: [u8; 32],
+}
+byte_valued!(
+    ProbeReq {
+        head: ReqHead,
+        endpoint: Le32,
+        reserved: [u8; 32],
+        reserved_hi: [u8; 32],
+    },
+    size = 72
+);
+
+/// `struct virtio_iommu_probe_property` header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeProperty {
+    pub prop_type: Le16,
+    pub length: Le16,
+}
+byte_valued!(
+    ProbeProperty {
+        prop_type: Le16,
+        length: Le16
+    },
+    size = 4
+);
+
+/// `struct virtio_iommu_probe_resv_mem` including its property header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeResvMem {
+    pub head: ProbeProperty,
+    pub subtype: u8,
+    pub reserved: [u8; 3],
+    pub start: Le64,
+    pub end: Le64,
+}
+byte_valued!(
+    ProbeResvMem {
+        head: ProbeProperty,
+        subtype: u8,
+        reserved: [u8; 3],
+        start: Le64,
+        end: Le64,
+    },
+    size = 24
+);
+
+/// `struct virtio_iommu_fault`: the 24-byte event record of the spec.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultRecord {
+    pub reason: u8,
+    pub reserved: [u8; 3],
+    pub flags: Le32,
+    pub endpoint: Le32,
+    pub reserved1: Le32,
+    pub address: Le64,
+}
+byte_valued!(
+    FaultRecord {
+        reason: u8,
+        reserved: [u8; 3],
+        flags: Le32,
+        endpoint: Le32,
+        reserved1: Le32,
+        address: Le64,
+    },
+    size = 24
+);
+
+impl ReqHead {
+    pub fn new(req_type: u8) -> Self {
+        ReqHead {
+            req_type,
+            reserved: [0; 3],
+        }
+    }
+}
+
+// Constructors as a driver fills requests (reserved fields zero).
+impl AttachReq {
+    pub fn new(domain: u32, endpoint: u32, flags: u32) -> Self {
+        AttachReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_ATTACH),
+            domain: domain.into(),
+            endpoint: endpoint.into(),
+            flags: flags.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl DetachReq {
+    pub fn new(domain: u32, endpoint: u32) -> Self {
+        DetachReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_DETACH),
+            domain: domain.into(),
+            endpoint: endpoint.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl MapReq {
+    pub fn new(domain: u32, virt_start: u64, virt_end: u64, phys_start: u64, flags: u32) -> Self {
+        MapReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_MAP),
+            domain: domain.into(),
+            virt_start: virt_start.into(),
+            virt_end: virt_end.into(),
+            phys_start: phys_start.into(),
+            flags: flags.into(),
+            tail: ReqTail::default(),
+        }
+    }
+}
+
+impl UnmapReq {
+    pub fn new(domain: u32, virt_start: u64, virt_end: u64) -> Self {
+        UnmapReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_UNMAP),
+            domain: domain.into(),
+            virt_start: virt_start.into(),
+            virt_end: virt_end.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl ProbeReq {
+    pub fn new(endpoint: u32) -> Self {
+        ProbeReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_PROBE),
+            endpoint: endpoint.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The device-readable part of a fixed-size request: all but the tail.
+pub fn readable_part<T: ByteValued>(req: &T) -> &[u8] {
+    let b = req.as_slice();
+    &b[..b.len() - REQ_TAIL_SIZE]
+}
+
+pub const REQ_HEAD_SIZE: usize = std::mem::size_of::<ReqHead>();
+pub const REQ_TAIL_SIZE: usize = std::mem::size_of::<ReqTail>();
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn request_sizes_match_the_spec() {
+        assert_eq!(size_of::<AttachReq>(), 24);
+        assert_eq!(size_of::<DetachReq>(), 24);
+        assert_eq!(size_of::<MapReq>(), 40);
+        assert_eq!(size_of::<UnmapReq>(), 32);
+        assert_eq!(size_of::<ProbeReq>(), 72);
+        assert_eq!(size_of::<FaultRecord>(), 24);
+        assert_eq!(size_of::<ProbeResvMem>(), 24);
+        assert_eq!(size_of::<VirtioIommuConfig>(), 40);
+    }
+
+    #[test]
+    fn map_fields_sit_at_spec_offsets() {
+        let req = MapReq {
+            head: ReqHead {
+                req_type: VIRTIO_IOMMU_T_MAP,
+                reserved: [0; 3],
+            },
+            domain: 0x0403_0201.into(),
+            virt_start: 0x1111_1111_1111_1111.into(),
+            virt_end: 0x2222_2222_2222_2222.into(),
+            phys_start: 0x3333_3333_3333_3333.into(),
+            flags: 0x4444_4444.into(),
+            tail: ReqTail::default(),
+        };
+        let b = req.as_slice();
+        assert_eq!(b[0], 3);
+        assert_eq!(&b[4..8], &[1, 2, 3, 4]);
+        assert_eq!(b[8], 0x11);
+        assert_eq!(b[16], 0x22);
+        assert_eq!(b[24], 0x33);
+        assert_eq!(b[32], 0x44);
+    }
+
+    #[test]
+    fn fault_address_is_at_offset_16() {
+        let f = FaultRecord {
+            address: 0xaa.into(),
+            endpoint: 0xbb.into(),
+            ..Default::default()
+        };
+        assert_eq!(f.as_slice()[16], 0xaa);
+        assert_eq!(f.as_slice()[8], 0xbb);
+    }
+
+    #[test]
+    fn config_bypass_is_at_offset_0x24() {
+        let cfg = VirtioIommuConfig {
+            bypass: 1,
+            ..Default::default()
+        };
+        assert_eq!(cfg.as_slice()[CONFIG_BYPASS_OFFSET], 1);
+    }
+}

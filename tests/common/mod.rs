@@ -1,0 +1,463 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Test harness: starts the real daemon binary and plays a VMM plus a
+//! Linux-like guest driver against it over a real vhost-user socket, with
+//! guest RAM in a shared file mapped on both sides.
+
+#![allow(dead_code)]
+
+pub mod driver;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use driver::{Buf, DriverRing, RingLayout, VIRTQ_AVAIL_F_NO_INTERRUPT};
+use vhost::{
+    vhost_user::{
+        message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures},
+        Frontend, VhostUserFrontend,
+    },
+    VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
+};
+use viommu::wire::*;
+use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-iommu");
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// A running daemon process with its own socket and log.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon with `--socket-path` plus `args`, and waits for
+    /// its socket to appear.
+    pub fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("viommu.sock");
+        let log = dir.path().join("daemon.log");
+        let child = Command::new(BIN)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child: Some(child),
+            socket,
+            log,
+            dir,
+        };
+        d.wait_for(|| d.socket.exists(), "socket to appear");
+        d
+    }
+
+    pub fn wait_for(&self, mut cond: impl FnMut() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Sends `signal` (e.g. "TERM") and waits for the exit status.
+    pub fn signal_and_wait(&mut self, signal: &str) -> ExitStatus {
+        let pid = self.pid().to_string();
+        let ok = Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit on SIG{signal}"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Log lines at ERROR level (there should be none in normal operation).
+    pub fn errors(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(" ERROR "))
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// Guest physical layout used by the harness.
+pub const MEM_SIZE: u64 = 16 << 20;
+const REQUEST_RING: u64 = 0;
+const EVENT_RING: u64 = 0x8000;
+const REQ_AREA: u64 = 0x10000;
+const REQ_SLOT: u64 = 0x400;
+const REQ_SLOTS: u64 = 0x3c0;
+const EVENT_AREA: u64 = 0x100000;
+/// Free guest RAM for test data (DMA targets).
+pub const DATA_AREA: u64 = 0x200000;
+
+/// One completed request: used length and the device-writable bytes.
+#[derive(Debug)]
+pub struct Completion {
+    pub used_len: u32,
+    pub writable: Vec<u8>,
+}
+
+impl Completion {
+    /// Status from the tail (the last four writable bytes).
+    pub fn status(&self) -> Option<u8> {
+        (self.used_len > 0).then(|| self.writable[self.writable.len() - 4])
+    }
+}
+
+/// What a guest connection negotiates.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestOptions {
+    pub event_idx: bool,
+    pub request_queue_size: u16,
+    pub event_queue_size: u16,
+}
+
+impl Default for GuestOptions {
+    fn default() -> Self {
+        GuestOptions {
+            event_idx: true,
+            request_queue_size: 256,
+            event_queue_size: 64,
+        }
+    }
+}
+
+/// The VMM (vhost-user frontend) and the guest driver, in one.
+pub struct Guest {
+    pub fe: Frontend,
+    pub mem: GuestMemoryMmap,
+    pub rq: DriverRing,
+    pub eq: DriverRing,
+    pub kicks: [EventFd; 2],
+    pub calls: [EventFd; 2],
+    pub features: u64,
+    pub options: GuestOptions,
+    next_slot: u64,
+    next_event: u64,
+}
+
+pub fn guest_memory() -> GuestMemoryMmap {
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(MEM_SIZE).unwrap();
+    GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(0),
+        MEM_SIZE as usize,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap()
+}
+
+impl Guest {
+    pub fn connect(socket: &Path, options: GuestOptions) -> Guest {
+        Self::connect_with_memory(socket, options, guest_memory())
+    }
+
+    /// Connects as a VMM does at boot: negotiation, memory table, rings.
+    pub fn connect_with_memory(
+        socket: &Path,
+        options: GuestOptions,
+        mem: GuestMemoryMmap,
+    ) -> Guest {
+        let mut fe = Frontend::connect(socket, 2).unwrap();
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let mut features = offered;
+        if !options.event_idx {
+            features &= !VIRTIO_RING_F_EVENT_IDX;
+        }
+        let proto = fe.get_protocol_features().unwrap();
+        fe.set_features(features).unwrap();
+        let want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE;
+        fe.set_protocol_features(proto & want).unwrap();
+        assert_eq!(fe.get_queue_num().unwrap(), 2);
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
+            .unwrap();
+        let (rq_layout, _) = RingLayout::at(REQUEST_RING, options.request_queue_size);
+        let (eq_layout, _) = RingLayout::at(EVENT_RING, options.event_queue_size);
+        let rq = DriverRing::new(&mem, rq_layout);
+        let eq = DriverRing::new(&mem, eq_layout);
+        // Like Linux: the request queue has no callback.
+        rq.set_avail_flags(&mem, VIRTQ_AVAIL_F_NO_INTERRUPT);
+        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        let hva = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        for (q, layout) in [(0usize, rq_layout), (1, eq_layout)] {
+            fe.set_vring_num(q, layout.size).unwrap();
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: layout.size,
+                    queue_size: layout.size,
+                    flags: 0,
+                    desc_table_addr: hva + layout.desc.0,
+                    used_ring_addr: hva + layout.used.0,
+                    avail_ring_addr: hva + layout.avail.0,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_base(q, 0).unwrap();
+            fe.set_vring_kick(q, &kicks[q]).unwrap();
+            fe.set_vring_call(q, &calls[q]).unwrap();
+            fe.set_vring_enable(q, true).unwrap();
+        }
+        Guest {
+            fe,
+            mem,
+            rq,
+            eq,
+            kicks,
+            calls,
+            features,
+            options,
+            next_slot: 0,
+            next_event: 0,
+        }
+    }
+
+    /// Reassembles a guest from a connection whose rings were re-created.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        fe: Frontend,
+        mem: GuestMemoryMmap,
+        rq: DriverRing,
+        eq: DriverRing,
+        kicks: [EventFd; 2],
+        calls: [EventFd; 2],
+        features: u64,
+        options: GuestOptions,
+    ) -> Guest {
+        rq.set_avail_flags(&mem, VIRTQ_AVAIL_F_NO_INTERRUPT);
+        Guest {
+            fe,
+            mem,
+            rq,
+            eq,
+            kicks,
+            calls,
+            features,
+            options,
+            next_slot: 0,
+            next_event: 0,
+        }
+    }
+
+    pub fn config(&mut self) -> VirtioIommuConfig {
+        let (_, data) = self
+            .fe
+            .get_config(0, 40, VhostUserConfigFlags::WRITABLE, &[0; 40])
+            .unwrap();
+        let mut cfg = VirtioIommuConfig::default();
+        cfg.as_mut_slice().copy_from_slice(&data);
+        cfg
+    }
+
+    /// Queues requests (device-readable bytes, writable size) without
+    /// kicking; returns their heads.
+    pub fn queue(&mut self, reqs: &[(&[u8], usize)]) -> Vec<u16> {
+        reqs.iter()
+            .map(|(ro, wlen)| {
+                let slot = REQ_AREA + (self.next_slot % REQ_SLOTS) * REQ_SLOT;
+                self.next_slot += 1;
+                assert!(ro.len() + wlen <= REQ_SLOT as usize);
+                self.mem.write_slice(ro, GuestAddress(slot)).unwrap();
+                let wo = slot + ro.len() as u64;
+                self.mem
+                    .write_slice(&vec![0u8; *wlen], GuestAddress(wo))
+                    .unwrap();
+                let mut bufs = vec![];
+                if !ro.is_empty() {
+                    bufs.push(Buf {
+                        addr: slot,
+                        len: ro.len() as u32,
+                        writable: false,
+                    });
+                }
+                if *wlen > 0 {
+                    bufs.push(Buf {
+                        addr: wo,
+                        len: *wlen as u32,
+                        writable: true,
+                    });
+                }
+                self.rq.add(&self.mem, &bufs)
+            })
+            .collect()
+    }
+
+    /// Sends raw chains, kicks once, and waits for every completion.
+    pub fn submit_chains(&mut self, chains: &[Vec<Buf>]) -> Vec<(u32, u32)> {
+        for c in chains {
+            self.rq.add(&self.mem, c);
+        }
+        self.rq.publish(&self.mem);
+        self.kicks[0].write(1).unwrap();
+        self.wait_used(chains.len())
+    }
+
+    fn wait_used(&mut self, n: usize) -> Vec<(u32, u32)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut done = Vec::with_capacity(n);
+        while done.len() < n {
+            match self.rq.pop_used(&self.mem) {
+                Some(u) => done.push(u),
+                None => {
+                    assert!(Instant::now() < deadline, "requests not completed in time");
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        done
+    }
+
+    /// Sends requests with a single kick (as the Linux driver batches
+    /// them) and waits for all of them, in order.
+    pub fn submit(&mut self, reqs: &[(&[u8], usize)]) -> Vec<Completion> {
+        let first_slot = self.next_slot;
+        let heads = self.queue(reqs);
+        self.rq.publish(&self.mem);
+        self.kicks[0].write(1).unwrap();
+        let used = self.wait_used(reqs.len());
+        heads
+            .iter()
+            .enumerate()
+            .map(|(i, head)| {
+                let (_, len) = used.iter().find(|(id, _)| *id == u32::from(*head)).unwrap();
+                let slot = REQ_AREA + ((first_slot + i as u64) % REQ_SLOTS) * REQ_SLOT;
+                let (ro, wlen) = reqs[i];
+                let mut writable = vec![0u8; wlen];
+                self.mem
+                    .read_slice(&mut writable, GuestAddress(slot + ro.len() as u64))
+                    .unwrap();
+                Completion {
+                    used_len: *len,
+                    writable,
+                }
+            })
+            .collect()
+    }
+
+    /// Sends one fixed-size request (tail included in `T`) and returns its
+    /// status.
+    pub fn request<T: ByteValued>(&mut self, req: &T) -> u8 {
+        let c = self.submit(&[(readable_part(req), REQ_TAIL_SIZE)]);
+        c[0].status().expect("request completed with used length 0")
+    }
+
+    pub fn attach(&mut self, domain: u32, endpoint: u32) -> u8 {
+        self.request(&AttachReq::new(domain, endpoint, 0))
+    }
+
+    pub fn detach(&mut self, domain: u32, endpoint: u32) -> u8 {
+        self.request(&DetachReq::new(domain, endpoint))
+    }
+
+    pub fn map(&mut self, domain: u32, start: u64, end: u64, phys: u64, flags: u32) -> u8 {
+        self.request(&MapReq::new(domain, start, end, phys, flags))
+    }
+
+    pub fn unmap(&mut self, domain: u32, start: u64, end: u64) -> u8 {
+        self.request(&UnmapReq::new(domain, start, end))
+    }
+
+    /// PROBE as Linux sends it: 72 readable bytes, `probe_size + 4`
+    /// writable bytes.
+    pub fn probe(&mut self, endpoint: u32, probe_size: usize) -> Completion {
+        let req = ProbeReq::new(endpoint);
+        self.submit(&[(req.as_slice(), probe_size + 4)]).remove(0)
+    }
+
+    /// Posts event buffers of `size` bytes without a kick, as Linux does.
+    pub fn post_event_buffers(&mut self, n: usize, size: u32) {
+        for _ in 0..n {
+            let addr = EVENT_AREA + (self.next_event % 256) * 64;
+            self.next_event += 1;
+            self.mem
+                .write_slice(&vec![0u8; size as usize], GuestAddress(addr))
+                .unwrap();
+            self.eq.add(
+                &self.mem,
+                &[Buf {
+                    addr,
+                    len: size,
+                    writable: true,
+                }],
+            );
+        }
+        self.eq.publish(&self.mem);
+    }
+
+    /// Waits for the device to return an event buffer; returns its used
+    /// length and contents.
+    pub fn wait_event(&mut self, timeout: Duration) -> Option<(u32, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((id, len)) = self.eq.pop_used(&self.mem) {
+                let at = self.eq.layout.desc.0 + 16 * u64::from(id);
+                let addr: u64 = self.mem.read_obj(GuestAddress(at)).unwrap();
+                let mut buf = vec![0u8; len as usize];
+                self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+                return Some((len, buf));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}

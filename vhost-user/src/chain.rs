@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Reading a request out of a descriptor chain and writing the reply back,
+//! without allocating per request.
+//!
+//! The device-readable part is copied into a fixed buffer (requests are at
+//! most a few dozen bytes; longer readable parts are truncated, which the
+//! model treats as trailing bytes it ignores). The device-writable part is
+//! remembered as a list of guest segments so the status can be written in
+//! its last four bytes, however the driver split it.
+
+use std::fmt;
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+/// Bytes of the device-readable part that are kept.
+pub const MAX_READABLE: usize = 256;
+
+/// A descriptor chain that cannot be used.
+#[derive(Debug)]
+pub enum ChainError {
+    /// A readable descriptor follows a writable one.
+    ReadableAfterWritable,
+    /// A descriptor points outside guest memory.
+    Memory(vm_memory::GuestMemoryError),
+}
+
+impl fmt::Display for ChainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainError::ReadableAfterWritable => {
+                f.write_str("device-readable descriptor after a device-writable one")
+            }
+            ChainError::Memory(e) => write!(f, "descriptor outside guest memory: {e}"),
+        }
+    }
+}
+
+/// The parts of one descriptor chain, gathered for the device model.
+#[derive(Default)]
+pub struct Request {
+    readable: Vec<u8>,
+    /// Device-writable segments, in order.
+    writable: Vec<(GuestAddress, u32)>,
+    writable_len: usize,
+}
+
+impl Request {
+    pub fn new() -> Self {
+        Request {
+            readable: Vec::with_capacity(MAX_READABLE),
+            ..Default::default()
+        }
+    }
+
+    /// Gathers `chain` (clears the previous contents; buffers are reused).
+    pub fn gather<I, M>(&mut self, chain: I, mem: &M) -> Result<(), ChainError>
+    where
+        I: Iterator<Item = Descriptor>,
+        M: GuestMemory,
+    {
+        self.readable.clear();
+        self.writable.clear();
+        self.writable_len = 0;
+        for desc in chain {
+            if desc.is_write_only() {
+                self.writable.push((desc.addr(), desc.len()));
+                self.writable_len += desc.len() as usize;
+                continue;
+            }
+            if !self.writable.is_empty() {
+                return Err(ChainError::ReadableAfterWritable);
+            }
+            let room = MAX_READABLE - self.readable.len();
+            let n = (desc.len() as usize).min(room);
+            if n > 0 {
+                let at = self.readable.len();
+                self.readable.resize(at + n, 0);
+                mem.read_slice(&mut self.readable[at..], desc.addr())
+                    .map_err(ChainError::Memory)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The device-readable bytes (at most `MAX_READABLE`).
+    pub fn readable(&self) -> &[u8] {
+        &self.readable
+    }
+
+    /// Total size of the device-writable part.
+    pub fn writable_len(&self) -> usize {
+        self.writable_len
+    }
+
+    /// Writes `data` at `offset` of the device-writable part.
+    pub fn write_at<M: GuestMemory>(
+        &self,
+        mem: &M,
+        mut offset: usize,
+        mut data: &[u8],
+    ) -> Result<(), ChainError> {
+        for &(addr, len) in &self.writable {
+            let len = len as usize;
+            if data.is_empty() {
+                break;
+            }
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = (len - offset).min(data.len());
+            let at = addr.checked_add(offset as u64).ok_or(ChainError::Memory(
+                vm_memory::GuestMemoryError::InvalidGuestAddress(addr),
+            ))?;
+            mem.write_slice(&data[..n], at)
+                .map_err(ChainError::Memory)?;
+            data = &data[n..];
+            offset = 0;
+        }
+        Ok(())
+    }
+}

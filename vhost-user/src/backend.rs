@@ -209,7 +209,7 @@ impl IommuBackend {
                 .pop_descriptor_chain(guard.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let used = match buf.gather(chain, &*guard) {
+            let used = match buf.gather(chain, &guard) {
                 Ok(()) => {
                     let response = model.handle_request(buf.readable(), buf.writable_len());
                     write_response(&response, buf, &guard)

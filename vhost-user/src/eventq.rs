@@ -87,7 +87,7 @@ impl EventQueue {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let mut buf = self.spare.pop().unwrap_or_default();
-            match buf.gather(chain, &*guard) {
+            match buf.gather(chain, &guard) {
                 Ok(()) => self.held.push_back(Held { head, buf }),
                 Err(e) => {
                     // Keep the FIFO order: hand the unusable buffer back now.
@@ -142,7 +142,7 @@ impl EventQueue {
                 self.pending.push_front((record, len));
                 0
             } else {
-                match held.buf.write_at(&*guard, 0, &record[..len]) {
+                match held.buf.write_at(&guard, 0, &record[..len]) {
                     Ok(()) => {
                         self.stats.delivered += 1;
                         len

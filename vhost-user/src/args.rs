@@ -29,7 +29,11 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Write an ACPI VIOT table (for QEMU's `-acpitable file=`) describing
+    /// the virtio-iommu PCI function and the endpoints it translates.
+    Viot(crate::viot::ViotArgs),
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {

@@ -7,3 +7,4 @@ pub mod backend;
 pub mod chain;
 pub mod daemon;
 pub mod eventq;
+pub mod viot;

@@ -6,9 +6,10 @@ use std::{process::ExitCode, sync::Arc};
 use clap::Parser;
 use log::error;
 use vhost_device_iommu::{
-    args::Cli,
+    args::{Cli, Command},
     backend::IommuBackend,
     daemon::{exit_on_signals, serve, Cleanup, SocketSource},
+    viot,
 };
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -30,8 +31,12 @@ fn run(cli: Cli) -> Result<(), String> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
-    match run(cli) {
+    let mut cli = Cli::parse();
+    let result = match cli.command.take() {
+        Some(Command::Viot(args)) => viot::run(&args).map_err(|e| e.to_string()),
+        None => run(cli),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");

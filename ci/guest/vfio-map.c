@@ -24,6 +24,8 @@
 //   vfio-map: PAGE iova=0x10001000 gpa=0x1236000      (pages after the first)
 //   vfio-map: HOLD seconds=N | HOLD-END reason=...
 //   vfio-map: UNMAP iova=0x10000000 size=0x1000
+//   vfio-map: HOLD ... (again with --hold-after-unmap: the container, and so
+//             the IOMMU domain, still exist but hold no mapping)
 //   vfio-map: BENCH pairs=2000 seconds=0.812 pairs/s=2463.1
 //   vfio-map: OK | vfio-map: ERROR <message>   (exit status 0 / 1)
 
@@ -86,6 +88,8 @@ static void usage(const char *argv0) {
             "                       (SIGUSR1/SIGINT/SIGTERM end the hold early)\n"
             "  --hold-stdin         keep the mappings until a line/key arrives on stdin\n"
             "  --hold-file PATH     keep the mappings until PATH exists\n"
+            "  --hold-after-unmap   hold a second time after the unmaps, before the\n"
+            "                       container is closed\n"
             "  --bench N            instead: N MAP+UNMAP pairs of 4 KiB, print pairs/s\n",
             argv0);
     exit(2);
@@ -267,6 +271,7 @@ static void hold(long seconds, int use_stdin, const char *file) {
     sigaction(SIGUSR1, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    hold_interrupted = 0;
     out("HOLD seconds=%ld stdin=%d file=%s", seconds, use_stdin, file ? file : "-");
     struct timespec t0, now;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -325,14 +330,15 @@ int main(int argc, char **argv) {
     const char *dev = "0000:00:04.0", *hold_file = NULL;
     uint64_t count = 4, iova = 0x10000000, size = 0, stride = 0;
     long hold_seconds = 0, bench_pairs = 0;
-    int do_bind = 1, hold_stdin = 0;
+    int do_bind = 1, hold_stdin = 0, hold_after_unmap = 0;
     static const struct option opts[] = {
         {"device", required_argument, 0, 'd'},   {"no-bind", no_argument, 0, 'n'},
         {"count", required_argument, 0, 'c'},    {"iova", required_argument, 0, 'i'},
         {"size", required_argument, 0, 's'},     {"stride", required_argument, 0, 't'},
         {"hold-seconds", required_argument, 0, 'H'}, {"hold-stdin", no_argument, 0, 'S'},
         {"hold-file", required_argument, 0, 'F'}, {"bench", required_argument, 0, 'b'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0},
+        {"hold-after-unmap", no_argument, 0, 'A'}, {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
     setvbuf(stdout, NULL, _IOLBF, 0);
     page_size = sysconf(_SC_PAGESIZE);
@@ -349,6 +355,7 @@ int main(int argc, char **argv) {
         case 'S': hold_stdin = 1; break;
         case 'F': hold_file = optarg; break;
         case 'b': bench_pairs = (long)parse_u64(optarg, "bench"); break;
+        case 'A': hold_after_unmap = 1; break;
         default: usage(argv[0]);
         }
     }
@@ -403,6 +410,8 @@ int main(int argc, char **argv) {
                 size);
         out("UNMAP iova=0x%" PRIx64 " size=0x%" PRIx64, a, (uint64_t)n);
     }
+    if (hold_after_unmap)
+        hold(hold_seconds, hold_stdin, hold_file);
     out("OK");
     return 0;
 }

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# ci/daemon-lib.sh: shared helpers of the guest runners that use the daemon
+# (ci/guest-tests.sh, ci/bench-guest.sh).  Source it after ci/provision.sh.
+#
+# Owns: building the daemon binary (cargo build --release -p
+# vhost-device-iommu, into the repository's target directory, so
+# CARGO_TARGET_DIR is respected), starting and stopping one daemon per guest
+# boot, writing the boot's VIOT with `vhost-device-iommu viot`, starting QEMU
+# in the background with a hard timeout, and the host->guest line channel
+# (the guest's second serial port, /dev/ttyS1, fed through a FIFO).
+#
+# Functions:
+#   vdi_daemon_build                 sets VDI_DAEMON_BIN (absolute path)
+#   vdi_daemon_has_ctl               true if the binary has --control-socket
+#   vdi_daemon_start LOG SOCK CTL [DAEMON_ARGS...]
+#                                    RUST_LOG=debug daemon in the background,
+#                                    waits for its socket(s); sets VDI_DAEMON_PID.
+#                                    CTL "" = no control socket.
+#   vdi_daemon_stop                  SIGTERM, wait; returns the daemon's status
+#   vdi_viot OUT IOMMU_BDF ENDPOINTS writes a VIOT with the daemon binary
+#   vdi_qemu_start TIMEOUT_S CONSOLE DIR QEMU_ARGS...
+#                                    QEMU in the background under `timeout`,
+#                                    console to CONSOLE, ttyS1 fed from
+#                                    DIR/hostline.in; sets VDI_QEMU_PID
+#   vdi_qemu_wait                    waits for QEMU; returns its status (124 =
+#                                    timed out)
+#   vdi_qemu_kill                    ends QEMU (the timeout wrapper) if running
+#   vdi_wait_console CONSOLE ERE SECONDS
+#                                    waits until a console line matches ERE;
+#                                    fails if QEMU ended or time ran out
+#   vdi_send_guest LINE              writes LINE to the guest's /dev/ttyS1
+
+VDI_LIB_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VDI_DAEMON_PID=""
+VDI_QEMU_PID=""
+VDI_HOSTLINE_FD=""
+
+vdi_daemon_build() {
+    local target
+    (cd "$VDI_LIB_REPO" && cargo build --release --quiet -p vhost-device-iommu) >&2
+    target="$(cd "$VDI_LIB_REPO" && cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+    VDI_DAEMON_BIN="$target/release/vhost-device-iommu"
+    [[ -x "$VDI_DAEMON_BIN" ]] || { echo "daemon-lib: no binary at $VDI_DAEMON_BIN" >&2; return 1; }
+}
+
+vdi_daemon_has_ctl() {
+    "$VDI_DAEMON_BIN" --help 2>/dev/null | grep -q -- '--control-socket'
+}
+
+vdi_daemon_start() {
+    local log="$1" sock="$2" ctl="$3" k
+    shift 3
+    local args=(--socket-path "$sock")
+    [[ -n "$ctl" ]] && args+=(--control-socket "$ctl")
+    rm -f "$sock" "$ctl"
+    RUST_LOG=debug "$VDI_DAEMON_BIN" "${args[@]}" "$@" >"$log" 2>&1 &
+    VDI_DAEMON_PID=$!
+    for ((k = 0; k < 200; k++)); do
+        if [[ -S "$sock" && (-z "$ctl" || -S "$ctl") ]]; then
+            return 0
+        fi
+        kill -0 "$VDI_DAEMON_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "daemon-lib: the daemon did not create its socket(s) (log $log):" >&2
+    tail -n 5 "$log" >&2
+    return 1
+}
+
+vdi_daemon_stop() {
+    local pid="$VDI_DAEMON_PID" rc=0
+    [[ -n "$pid" ]] || return 0
+    VDI_DAEMON_PID=""
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" || rc=$?
+    return "$rc"
+}
+
+vdi_viot() {
+    "$VDI_DAEMON_BIN" viot --iommu-bdf "$2" --endpoints "$3" -o "$1"
+}
+
+vdi_qemu_start() {
+    local t="$1" console="$2" dir="$3"
+    shift 3
+    rm -f "$dir/hostline.in" "$dir/hostline.out"
+    mkfifo "$dir/hostline.in" "$dir/hostline.out"
+    # Read-write opens never block and keep the FIFOs open if QEMU dies, so
+    # a write to the guest cannot hang the runner.
+    exec {VDI_HOSTLINE_FD}<>"$dir/hostline.in"
+    exec {VDI_HOSTLINE_OUT_FD}<>"$dir/hostline.out"
+    timeout --kill-after=5 "$t" "$VDI_QEMU" "$@" -serial "pipe:$dir/hostline" \
+        </dev/null >"$console" 2>&1 &
+    VDI_QEMU_PID=$!
+}
+
+vdi__close_hostline() {
+    if [[ -n "$VDI_HOSTLINE_FD" ]]; then
+        exec {VDI_HOSTLINE_FD}>&- {VDI_HOSTLINE_OUT_FD}>&-
+        VDI_HOSTLINE_FD=""
+    fi
+}
+
+vdi_qemu_wait() {
+    local pid="$VDI_QEMU_PID" rc=0
+    [[ -n "$pid" ]] || return 0
+    wait "$pid" || rc=$?
+    VDI_QEMU_PID=""
+    vdi__close_hostline
+    return "$rc"
+}
+
+vdi_qemu_kill() {
+    [[ -n "$VDI_QEMU_PID" ]] || return 0
+    kill -TERM "$VDI_QEMU_PID" 2>/dev/null || true
+    vdi_qemu_wait || true
+}
+
+vdi_wait_console() {
+    local console="$1" ere="$2" deadline
+    deadline=$(($(date +%s) + $3))
+    while (($(date +%s) < deadline)); do
+        if tr -d '\r' <"$console" | grep -Eq -- "$ere"; then
+            return 0
+        fi
+        if [[ -z "$VDI_QEMU_PID" ]] || ! kill -0 "$VDI_QEMU_PID" 2>/dev/null; then
+            tr -d '\r' <"$console" | grep -Eq -- "$ere"
+            return
+        fi
+        sleep 0.05
+    done
+    return 1
+}
+
+vdi_send_guest() {
+    [[ -n "$VDI_HOSTLINE_FD" ]] || return 1
+    printf '%s\n' "$1" >&"$VDI_HOSTLINE_FD"
+}

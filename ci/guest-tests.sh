@@ -1,0 +1,303 @@
+#!/usr/bin/env bash
+# ci/guest-tests.sh: end-to-end tests of the vhost-device-iommu daemon
+# against the real Linux virtio-iommu driver.
+# Owns: for each guest kernel of ci/provision.sh, three boots under QEMU 11,
+# each with its own daemon (RUST_LOG=debug, --control-socket) attached
+# through vhost-user-test-device-pci at 00:03.0 and a VIOT written by
+# `vhost-device-iommu viot`:
+#   translated  iommu.passthrough=0: driver probe, PROBE (MSI window), attach,
+#               VFIO mappings compared with the daemon's domain, translation,
+#               UNMAP, a fault injected through the control plane reaching
+#               the guest's dmesg, a short MAP/UNMAP benchmark, hot-unplug
+#               producing a DETACH;
+#   identity-bypass     iommu.passthrough=1 with BYPASS_CONFIG: bypass domain;
+#   identity-nobypass   iommu.passthrough=1, --bypass-config off: identity maps
+#                       covering the aperture except the MSI window;
+# and, every boot, the daemon's health (no ERROR line, same PID, clean exit).
+# The host judges the daemon's state through `vhost-device-iommu ctl`
+# (ci/hostcheck.py); the guest side is ci/guest/daemon-test.sh, driven in
+# lock step over the guest's second serial port.
+#
+# Topology: the main endpoint is edu at 00:04.0 (endpoint ID = RID 0x20 =
+# 32).  q35's root bus (pcie.0) does not support hot-unplug, so the
+# translated boot has a second edu behind a pcie-root-port at 00:05.0; it
+# is 01:00.0, endpoint ID 0x100 = 256, and is the one unplugged.
+#
+# Prints one PASS/FAIL line per check and, last, "N passed, M failed"; exits
+# non-zero if anything failed.  Logs stay in the log directory (printed)
+# when something failed.
+#
+# Usage: bash ci/guest-tests.sh
+# Env:   VDI_GUEST_TIMEOUT  hard timeout per boot in seconds (default 180)
+#        VDI_GUEST_LOGDIR   log directory (default: new dir under ${TMPDIR:-/tmp})
+#        VDI_GUEST_KEEP_LOGS=1  keep the logs even if everything passed
+#        VDI_GUEST_KERNELS  kernel indexes to test (default: all provisioned)
+#        VDI_BENCH          MAP+UNMAP pairs of the short guest benchmark (1000)
+#        plus the knobs of ci/provision.sh (VDI_ACCEL, VDI_CACHE, ...)
+
+set -euo pipefail
+
+ci_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=provision.sh
+source "$ci_dir/provision.sh"
+# shellcheck source=daemon-lib.sh
+source "$ci_dir/daemon-lib.sh"
+
+timeout_s="${VDI_GUEST_TIMEOUT:-180}"
+bench="${VDI_BENCH:-1000}"
+logdir="${VDI_GUEST_LOGDIR:-$(mktemp -d "${TMPDIR:-/tmp}/vdi-guest.XXXXXX")}"
+mkdir -p "$logdir"
+kernels="${VDI_GUEST_KERNELS:-${!VDI_KERNEL_RELEASES[*]}}"
+
+ep_bdf=00:04.0
+ep_id=32
+hp_bdf=01:00.0
+hp_id=256
+fault_addr=0xdead0000
+
+if ! command -v python3 >/dev/null; then
+    echo "guest-tests: installing python3" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends python3 >/dev/null
+fi
+
+passed=0
+failed=0
+reported=()
+result() { # PASS|FAIL NAME DETAIL
+    printf '%-4s %-40s %s\n' "$1" "$2" "$3"
+    reported+=("$2")
+    if [[ "$1" == PASS ]]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+}
+
+cleanup() {
+    vdi_qemu_kill
+    vdi_daemon_stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+vdi_daemon_build
+has_ctl=yes
+vdi_daemon_has_ctl || has_ctl=no
+
+echo "guest-tests: QEMU $VDI_QEMU_VERSION ($VDI_ACCEL), kernels: ${VDI_KERNEL_RELEASES[*]}, daemon $VDI_DAEMON_BIN (control plane: $has_ctl); logs in $logdir"
+
+# --- per-boot state and helpers --------------------------------------------
+name=""      # check name prefix, e.g. 6.12/translated
+dir=""       # this boot's log directory
+console=""
+ctl_sock=""
+alive=no     # the guest is still following the script
+deadline=0
+
+# check NAME HOSTCHECK_SUBCOMMAND [ARGS...]: a host-side check through ctl.
+check() {
+    local n="$1" sub="$2" line
+    shift 2
+    if [[ $has_ctl != yes ]]; then
+        result FAIL "$name/$n" "the daemon has no control plane (--control-socket): cannot check"
+        return 0
+    fi
+    line="$(python3 "$ci_dir/hostcheck.py" "$sub" --bin "$VDI_DAEMON_BIN" --ctl "$ctl_sock" "$@" 2>&1 | tail -n 1)"
+    verdict "$n" "$line"
+}
+
+# verdict NAME LINE: records a hostcheck.py line ("PASS ..." / "FAIL ...").
+verdict() {
+    case "$2" in
+        "PASS "*) result PASS "$name/$1" "${2#PASS }" ;;
+        "FAIL "*) result FAIL "$name/$1" "${2#FAIL }" ;;
+        *) result FAIL "$name/$1" "hostcheck.py: ${2:-no output}" ;;
+    esac
+}
+
+# local_check NAME HOSTCHECK_SUBCOMMAND [ARGS...]: a check without ctl.
+local_check() {
+    local n="$1" line
+    shift
+    line="$(python3 "$ci_dir/hostcheck.py" "$@" 2>&1 | tail -n 1)"
+    verdict "$n" "$line"
+}
+
+ctl_json() { "$VDI_DAEMON_BIN" ctl --control-socket "$ctl_sock" "$@" --json; }
+
+# reach ERE [COUNT]: wait until the guest printed ERE (COUNT times).
+reach() {
+    local ere="$1" count="${2:-1}" left
+    [[ $alive == yes ]] || return 1
+    while :; do
+        left=$((deadline - $(date +%s)))
+        if ((left <= 0)) || ! vdi_wait_console "$console" "$ere" "$left"; then
+            alive=no
+            echo "     ($name: the guest did not reach '$ere')"
+            return 1
+        fi
+        (($(tr -d '\r' <"$console" | grep -Ec -- "$ere") >= count)) && return 0
+        kill -0 "$VDI_QEMU_PID" 2>/dev/null || { alive=no; return 1; }
+        sleep 0.05
+    done
+}
+
+go() { vdi_send_guest go || alive=no; }
+
+# boot KERNEL_INDEX MODE: MODE = translated | identity-bypass | identity-nobypass
+boot() {
+    local i="$1" mode="$2"
+    local rel="${VDI_KERNEL_RELEASES[$i]}" label="${VDI_KERNEL_LABELS[$i]}"
+    name="$label/$mode"
+    dir="$logdir/$label-$mode"
+    console="$dir/console.log"
+    ctl_sock="$dir/ctl.sock"
+    mkdir -p "$dir"
+    local sock="$dir/vhost.sock" daemon_log="$dir/daemon.log"
+    local failed_before=$failed expected=() daemon_args=() viot_eps cmdline guest_checks
+    reported=()
+    cmdline="$VDI_KERNEL_CMDLINE vdi.dev=0000:$ep_bdf vdi.bench=$bench"
+    local topo=(-device "edu,addr=${ep_bdf#00:},id=ep0")
+    case "$mode" in
+        translated)
+            viot_eps="$ep_bdf,$hp_bdf"
+            daemon_args=(--endpoints "$ep_id,$hp_id")
+            cmdline+=" vdi.mode=translated vdi.hpdev=0000:$hp_bdf"
+            # shellcheck disable=SC2054  # commas inside -device arguments are intended
+            topo+=(-device pcie-root-port,id=rp0,addr=05.0,chassis=1 -device edu,bus=rp0,addr=00.0,id=ep1)
+            guest_checks=(driver-probe msi-window vfio-map no-errors bench unplug-seen)
+            expected=(attach endpoint-probe mappings translate unmap fault-inject fault-seen
+                bench-requests hot-unplug detach)
+            ;;
+        identity-*)
+            viot_eps="$ep_bdf"
+            daemon_args=(--endpoints "$ep_id")
+            cmdline="${cmdline/iommu.passthrough=0/iommu.passthrough=1} vdi.mode=identity"
+            guest_checks=(driver-probe identity-domain msi-window)
+            expected=(attach endpoint-probe)
+            if [[ $mode == identity-bypass ]]; then
+                expected+=(bypass-domain)
+            else
+                daemon_args+=(--bypass-config off)
+                expected+=(identity-maps)
+            fi
+            ;;
+    esac
+    expected=(boot "${guest_checks[@]}" "${expected[@]}" daemon-health daemon-exit)
+
+    echo "--- $name: $rel (timeout ${timeout_s}s)"
+    vdi_viot "$dir/viot.bin" 00:03.0 "$viot_eps"
+    local ctl_arg=""
+    [[ $has_ctl == yes ]] && ctl_arg="$ctl_sock"
+    if ! vdi_daemon_start "$daemon_log" "$sock" "$ctl_arg" "${daemon_args[@]}"; then
+        result FAIL "$name/daemon-start" "see $daemon_log"
+        vdi_daemon_stop >/dev/null 2>&1 || true
+        return 0
+    fi
+    local dpid="$VDI_DAEMON_PID" t0="$EPOCHREALTIME"
+    deadline=$(($(date +%s) + timeout_s))
+    alive=yes
+    # shellcheck disable=SC2054  # commas inside -device/-machine arguments are intended
+    vdi_qemu_start "$timeout_s" "$console" "$dir" \
+        -machine "q35,accel=$VDI_ACCEL,memory-backend=mem0" -cpu "$VDI_CPU" -smp 2 -m 512M \
+        -object memory-backend-memfd,id=mem0,size=512M,share=on \
+        -nodefaults -nographic -no-reboot -serial stdio \
+        -kernel "${VDI_KERNEL_IMAGES[$i]}" -initrd "$logdir/initrd-$i.gz" -append "$cmdline" \
+        -chardev "socket,id=viommu0,path=$sock" \
+        -device vhost-user-test-device-pci,chardev=viommu0,virtio-id=23,num_vqs=2,config_size=40,addr=03.0 \
+        -acpitable "file=$dir/viot.bin" "${topo[@]}" \
+        -qmp "unix:$dir/qmp.sock,server=on,wait=off"
+
+    if [[ $mode == translated ]]; then
+        if reach '^vfio-map: HOLD '; then
+            ctl_json stats >"$dir/stats-hold.json" 2>&1 || true
+            check attach attached --endpoint "$ep_id" --endpoint "$hp_id"
+            check endpoint-probe probe --min 2
+            check mappings mappings --console "$console" --endpoint "$ep_id" --save-domain "$dir/domain"
+            check translate translate --console "$console" --endpoint "$ep_id"
+            go
+        fi
+        if reach '^vfio-map: HOLD ' 2; then
+            check unmap unmapped --console "$console" --endpoint "$ep_id" \
+                --domain-file "$dir/domain" --stats-before "$dir/stats-hold.json"
+            go
+        fi
+        if reach '^VDI-WAIT fault$'; then
+            check fault-inject fault --endpoint "$ep_id" --address "$fault_addr"
+            go
+        fi
+        if reach '^VDI-WAIT unplug$'; then
+            local_check fault-seen fault-seen --console "$console" --endpoint "$ep_id" --address "$fault_addr"
+            check bench-requests stat-delta --stats-before "$dir/stats-hold.json" --key map --min "$bench"
+            ctl_json stats >"$dir/stats-unplug.json" 2>&1 || true
+            local_check hot-unplug unplug --qmp "$dir/qmp.sock" --id ep1
+            check detach unplugged --endpoint "$hp_id" --stats-before "$dir/stats-unplug.json"
+            go
+        fi
+    else
+        if reach '^VDI-WAIT identity$'; then
+            check attach attached --endpoint "$ep_id"
+            check endpoint-probe probe --min 1
+            if [[ $mode == identity-bypass ]]; then
+                check bypass-domain bypass --endpoint "$ep_id"
+            else
+                check identity-maps identity --endpoint "$ep_id"
+            fi
+            go
+        fi
+    fi
+    if reach '^VDI-WAIT end$'; then
+        check daemon-health health --pid "$dpid" --log "$daemon_log"
+        go
+    fi
+
+    local rc=0
+    [[ $alive == yes ]] || vdi_qemu_kill
+    vdi_qemu_wait || rc=$?
+    local secs
+    secs="$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
+    if [[ $rc -eq 0 ]] && grep -q '^VDI-DONE' <(tr -d '\r' <"$console"); then
+        result PASS "$name/boot" "${secs}s, guest test done, powered off cleanly"
+    else
+        local why="QEMU exit status $rc"
+        [[ $rc -eq 124 ]] && why="timed out after ${timeout_s}s"
+        result FAIL "$name/boot" "$why, guest test did not finish"
+    fi
+    local line status detail c
+    for c in "${guest_checks[@]}"; do
+        line="$(tr -d '\r' <"$console" | grep -m1 -E "^VDI-RESULT (PASS|FAIL) $c( |\$)" || true)"
+        if [[ -n "$line" ]]; then
+            read -r _ status _ detail <<<"$line"
+            result "$status" "$name/$c" "$detail"
+        fi
+    done
+
+    local drc=0 alive_before=no
+    kill -0 "$dpid" 2>/dev/null && alive_before=yes
+    vdi_daemon_stop || drc=$?
+    if [[ $alive_before == yes && $drc -eq 0 ]]; then
+        result PASS "$name/daemon-exit" "pid $dpid alive until SIGTERM, exit status 0"
+    else
+        result FAIL "$name/daemon-exit" "alive before SIGTERM: $alive_before, exit status $drc"
+    fi
+
+    for c in "${expected[@]}"; do
+        [[ " ${reported[*]} " == *" $name/$c "* ]] || result FAIL "$name/$c" "not reached (see $console)"
+    done
+    if [[ $failed -gt $failed_before ]]; then
+        echo "     $name: last console lines ($console):"
+        tr -d '\r' <"$console" | grep -v '^$' | tail -n 25 | sed 's/^/       /'
+        echo "     $name: last daemon log lines ($daemon_log):"
+        tail -n 10 "$daemon_log" | sed 's/^/       /'
+    fi
+}
+
+for i in $kernels; do
+    vdi_build_initramfs "$i" "$logdir/initrd-$i.gz" "$ci_dir/guest/daemon-test.sh:etc/vdi/test"
+    for mode in translated identity-bypass identity-nobypass; do
+        boot "$i" "$mode"
+    done
+done
+
+if [[ $failed -gt 0 || "${VDI_GUEST_KEEP_LOGS:-0}" == 1 ]]; then
+    echo "guest-tests: logs kept in $logdir"
+else
+    rm -rf "$logdir"
+fi
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]

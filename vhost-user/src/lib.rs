@@ -5,5 +5,7 @@
 pub mod args;
 pub mod backend;
 pub mod chain;
+pub mod control;
+pub mod ctl;
 pub mod daemon;
 pub mod eventq;

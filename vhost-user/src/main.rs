@@ -6,8 +6,9 @@ use std::{process::ExitCode, sync::Arc};
 use clap::Parser;
 use log::error;
 use vhost_device_iommu::{
-    args::Cli,
+    args::{Cli, Command},
     backend::IommuBackend,
+    control, ctl,
     daemon::{exit_on_signals, serve, Cleanup, SocketSource},
 };
 
@@ -24,18 +25,26 @@ fn run(cli: Cli) -> Result<(), String> {
         (None, Some(fd)) => SocketSource::Fd(fd),
         (None, None) => return Err("--socket-path or --socket-fd is required".into()),
     };
+    let backend = Arc::new(backend);
+    if let Some(path) = &args.control_socket {
+        control::start(backend.clone(), path)
+            .map_err(|e| format!("cannot create control socket {}: {e}", path.display()))?;
+        cleanup.add(path);
+    }
     exit_on_signals(cleanup).map_err(|e| e.to_string())?;
-    serve(Arc::new(backend), source).map_err(|e| e.to_string())
+    serve(backend, source).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    let result = match cli.command {
+        Some(Command::Ctl(args)) => ctl::run(args).map(ExitCode::from).map_err(|e| {
+            eprintln!("error: {e}");
+        }),
+        None => run(cli)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| error!("{e}")),
+    };
+    result.unwrap_or(ExitCode::FAILURE)
 }

@@ -12,9 +12,11 @@
 //! allocated.
 
 pub mod error;
+pub mod source;
 pub mod space;
 
 pub use error::{PasidError, Result};
+pub use source::{HostPasidSource, MemorySource};
 pub use space::FreeSpace;
 
 /// A PASID (guest or host, as the context says).

@@ -12,10 +12,13 @@
 //! allocated.
 
 pub mod error;
+pub mod set;
 pub mod source;
 pub mod space;
+mod table;
 
 pub use error::{PasidError, Result};
+pub use set::{AllocatorConfig, AllocatorFootprint, PasidAllocator, PasidState, SetId, SetUsage};
 pub use source::{HostPasidSource, MemorySource};
 pub use space::FreeSpace;
 

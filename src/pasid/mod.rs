@@ -16,11 +16,13 @@ pub mod set;
 pub mod source;
 pub mod space;
 mod table;
+pub mod translate;
 
 pub use error::{PasidError, Result};
 pub use set::{AllocatorConfig, AllocatorFootprint, PasidAllocator, PasidState, SetId, SetUsage};
 pub use source::{HostPasidSource, MemorySource};
 pub use space::FreeSpace;
+pub use translate::{device_max_pasid, GuestPasid, TranslationMode, Translator};
 
 /// A PASID (guest or host, as the context says).
 pub type Pasid = u32;

@@ -18,6 +18,9 @@ pub mod space;
 mod table;
 pub mod translate;
 
+#[cfg(test)]
+mod model_tests;
+
 pub use error::{PasidError, Result};
 pub use set::{AllocatorConfig, AllocatorFootprint, PasidAllocator, PasidState, SetId, SetUsage};
 pub use source::{HostPasidSource, MemorySource};

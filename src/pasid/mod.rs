@@ -4,7 +4,7 @@
 //! This module owns the in-memory core of the host-wide PASID allocator:
 //! the free-space index ([`space`]), per-PASID storage (`table`), sets with
 //! quotas and the reference-counted PASID lifecycle ([`set`]), guest <->
-//! host translation ([`translate`]) and the pluggable source of host PASID
+//! host translation ([`translate`], with its per-set index `forward`) and the pluggable source of host PASID
 //! leases ([`source`]). Errors are one enum ([`error`]). No I/O, no
 //! threads: the durable lease store plugs in behind [`HostPasidSource`].
 //!
@@ -12,6 +12,7 @@
 //! allocated.
 
 pub mod error;
+mod forward;
 pub mod set;
 pub mod source;
 pub mod space;

@@ -16,10 +16,10 @@
 //! stays reserved until they are done. Host PASIDs mapped here must be
 //! freed through `unmap`, not directly on the allocator.
 
-use std::collections::HashMap;
 use std::ops::RangeInclusive;
 
 use super::error::{PasidError, Result};
+use super::forward::ForwardIndex;
 use super::set::{PasidAllocator, SetId};
 use super::table::PageTable;
 use super::{Pasid, MAX_BITS};
@@ -46,11 +46,10 @@ pub struct GuestPasid {
 /// Guest <-> host PASID maps of all sets of one allocator.
 pub struct Translator {
     mode: TranslationMode,
-    /// Indexed by [`SetId::index`]: the set and its guest -> host map. The
-    /// map is keyed by guest-chosen numbers, so it keeps std's
-    /// flooding-resistant hasher.
-    forward: Vec<Option<(SetId, HashMap<Pasid, Pasid>)>>,
-    /// Host -> guest PASID; the set is the host PASID's owner.
+    /// Indexed by [`SetId::index`]: the set and its guest -> host index.
+    forward: Vec<Option<(SetId, ForwardIndex)>>,
+    /// Host -> guest PASID; the set is the host PASID's owner. Also gives
+    /// the forward indexes their keys.
     reverse: PageTable<Pasid>,
 }
 
@@ -99,11 +98,18 @@ impl Translator {
         self.mode
     }
 
-    fn set_map(&self, set: SetId) -> Option<&HashMap<Pasid, Pasid>> {
+    fn set_map(&self, set: SetId) -> Option<&ForwardIndex> {
         match self.forward.get(set.index())? {
             Some((id, map)) if *id == set => Some(map),
             _ => None,
         }
+    }
+
+    /// Host PASID mapped to `guest` in `set`.
+    fn lookup(&self, set: SetId, guest: Pasid) -> Option<Pasid> {
+        let reverse = &self.reverse;
+        self.set_map(set)?
+            .get(guest, |h| reverse.get(h).copied().unwrap_or(0))
     }
 
     /// Maps guest PASID `guest` of `set`, used by a device with
@@ -123,7 +129,7 @@ impl Translator {
             return Ok(guest);
         }
         let device_max = device_max_pasid(device_bits);
-        if let Some(host) = self.set_map(set).and_then(|m| m.get(&guest)).copied() {
+        if let Some(host) = self.lookup(set, guest) {
             // Another device of the set may have a narrower PASID width.
             check_width(host, device_bits)?;
             return Ok(host);
@@ -136,12 +142,14 @@ impl Translator {
         let entry = &mut self.forward[slot];
         // A stale map of a destroyed set in this slot is dropped here.
         if !matches!(entry, Some((id, _)) if *id == set) {
-            *entry = Some((set, HashMap::new()));
+            *entry = Some((set, ForwardIndex::default()));
         }
-        if let Some((_, map)) = entry {
-            map.insert(guest, host);
-        }
+        // The reverse entry first: the index reads its keys through it.
         self.reverse.insert(host, guest);
+        if let Some((_, map)) = entry {
+            let reverse = &self.reverse;
+            map.insert(host, |h| reverse.get(h).copied().unwrap_or(0));
+        }
         Ok(host)
     }
 
@@ -153,13 +161,12 @@ impl Translator {
             return Ok(());
         }
         let host = self
-            .set_map(set)
-            .and_then(|m| m.get(&guest))
-            .copied()
+            .lookup(set, guest)
             .ok_or(PasidError::NotMapped(guest))?;
         alloc.free(set, host)?;
         if let Some(Some((_, map))) = self.forward.get_mut(set.index()) {
-            map.remove(&guest);
+            let reverse = &self.reverse;
+            map.remove(guest, |h| reverse.get(h).copied().unwrap_or(0));
         }
         self.reverse.remove(host);
         Ok(())
@@ -174,7 +181,12 @@ impl Translator {
     ) -> Result<u32> {
         let mut guests: Vec<Pasid> = self
             .set_map(set)
-            .map(|m| m.keys().copied().filter(|g| range.contains(g)).collect())
+            .map(|m| {
+                m.hosts()
+                    .filter_map(|h| self.reverse.get(h).copied())
+                    .filter(|g| range.contains(g))
+                    .collect()
+            })
             .unwrap_or_default();
         guests.sort_unstable();
         let mut count = 0;
@@ -209,9 +221,7 @@ impl Translator {
             return Ok(guest);
         }
         let host = self
-            .set_map(set)
-            .and_then(|m| m.get(&guest))
-            .copied()
+            .lookup(set, guest)
             .ok_or(PasidError::NotMapped(guest))?;
         check_width(host, device_bits)?;
         // Catches a host PASID freed behind the translator's back.
@@ -240,7 +250,7 @@ impl Translator {
             return Err(PasidError::Inactive(host));
         }
         let guest = *self.reverse.get(host).ok_or(PasidError::NotMapped(host))?;
-        if self.set_map(state.owner).and_then(|m| m.get(&guest)) != Some(&host) {
+        if self.lookup(state.owner, guest) != Some(host) {
             return Err(PasidError::NotMapped(host));
         }
         Ok(GuestPasid {
@@ -254,32 +264,18 @@ impl Translator {
         self.reverse.live()
     }
 
-    /// Heap bytes held by the maps. The hash maps' share is computed from
-    /// their capacities with hashbrown's layout (buckets of key + value
-    /// plus one control byte, 16 trailing control bytes).
+    /// Heap bytes held by the maps, from their capacities.
     pub fn memory_bytes(&self) -> usize {
         let maps: usize = self
             .forward
             .iter()
             .flatten()
-            .map(|(_, m)| hash_map_bytes(m.capacity()))
+            .map(|(_, m)| m.memory_bytes())
             .sum();
-        self.forward.capacity() * std::mem::size_of::<Option<(SetId, HashMap<Pasid, Pasid>)>>()
+        self.forward.capacity() * std::mem::size_of::<Option<(SetId, ForwardIndex)>>()
             + maps
             + self.reverse.memory_bytes()
     }
-}
-
-fn hash_map_bytes(capacity: usize) -> usize {
-    if capacity == 0 {
-        return 0;
-    }
-    let buckets = if capacity < 8 {
-        (capacity + 1).next_power_of_two()
-    } else {
-        (capacity * 8 / 7).next_power_of_two()
-    };
-    buckets * (2 * std::mem::size_of::<Pasid>() + 1) + 16
 }
 
 #[cfg(test)]

@@ -7,10 +7,15 @@
 //! random subset is freed down to the target occupancy, so holes are
 //! spread over the space rather than packed at its end. Each measured
 //! iteration is one pair that keeps the occupancy constant: allocate the
-//! lowest free PASID, then free a random live one.
+//! lowest free PASID, then free a live one, chosen by one of two patterns:
+//! `churn` frees the oldest of the last 1024 allocated (a churning working
+//! set over long-lived PASIDs; measures the code path, cache-warm) and
+//! `random` a uniformly random live one (every pair misses the caches and
+//! TLB on the 8 MiB state table: the memory-latency-bound worst case).
 //!
 //! Run: `cargo bench --bench pasid -- --quick`
 
+use std::collections::VecDeque;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -28,12 +33,13 @@ const OCCUPANCIES: [(&str, f64); 2] = [("50%", 0.5), ("99.99%", 0.9999)];
 struct Rng(u64);
 
 impl Rng {
+    /// Uniform-enough index below `n` (multiply-shift, no division).
     fn below(&mut self, n: usize) -> usize {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         let r = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
-        (r as usize) % n
+        ((r * n as u64) >> 32) as usize
     }
 }
 
@@ -59,28 +65,104 @@ fn scattered_allocator(occupancy: f64, rng: &mut Rng) -> (PasidAllocator, SetId,
     (a, set, live)
 }
 
+/// Recently allocated PASIDs that the `churn` pattern frees in FIFO order.
+const CHURN_WINDOW: usize = 1024;
+
+/// Which live PASID each pair frees.
+#[derive(Clone, Copy)]
+enum Victim {
+    /// The oldest of the last `CHURN_WINDOW` allocated: a working set of
+    /// churning PASIDs over a long-lived population, cache-warm.
+    Churn,
+    /// A uniformly random live one: every pair touches cold memory.
+    Random,
+}
+
+const PATTERNS: [(&str, Victim); 2] = [("churn", Victim::Churn), ("random", Victim::Random)];
+
+/// Live PASIDs of a bench, split by the role the victim pattern gives them.
+struct Live {
+    long_lived: Vec<Pasid>,
+    window: VecDeque<Pasid>,
+}
+
+impl Live {
+    /// Splits `live` for `victim`; for churn the window is refilled by
+    /// `alloc` so that it holds the lowest free PASIDs, as in steady state.
+    fn new(
+        mut live: Vec<Pasid>,
+        victim: Victim,
+        mut free: impl FnMut(Pasid),
+        mut alloc: impl FnMut() -> Pasid,
+    ) -> Self {
+        let mut window = VecDeque::new();
+        if let Victim::Churn = victim {
+            for _ in 0..CHURN_WINDOW.min(live.len()) {
+                free(live.pop().expect("live"));
+            }
+            for _ in 0..CHURN_WINDOW.min(live.len()) {
+                window.push_back(alloc());
+            }
+        }
+        Self {
+            long_lived: live,
+            window,
+        }
+    }
+
+    /// Records `new` as live and returns the victim to free.
+    fn swap(&mut self, new: Pasid, victim: Victim, rng: &mut Rng) -> Pasid {
+        match victim {
+            Victim::Churn => {
+                self.window.push_back(new);
+                self.window.pop_front().expect("window")
+            }
+            Victim::Random => {
+                let k = rng.below(self.long_lived.len());
+                std::mem::replace(&mut self.long_lived[k], new)
+            }
+        }
+    }
+}
+
 fn bench_free_space(c: &mut Criterion) {
     let mut g = c.benchmark_group("free_space/alloc_free_pair");
     g.throughput(Throughput::Elements(1));
-    for (name, occupancy) in OCCUPANCIES {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        let mut space = FreeSpace::new(MAX + 1);
-        for id in 1..=MAX {
-            space.release(id);
+    for (pattern, victim) in PATTERNS {
+        for (name, occupancy) in OCCUPANCIES {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+            let mut space = FreeSpace::new(MAX + 1);
+            for id in 1..=MAX {
+                space.release(id);
+            }
+            let mut live: Vec<Pasid> =
+                std::iter::from_fn(|| space.take_first_free_in(&(1..=MAX))).collect();
+            while live.len() > target(occupancy) {
+                space.release(live.swap_remove(rng.below(live.len())));
+            }
+            let space = std::cell::RefCell::new(space);
+            let mut live = Live::new(
+                live,
+                victim,
+                |p| {
+                    space.borrow_mut().release(p);
+                },
+                || {
+                    space
+                        .borrow_mut()
+                        .take_first_free_in(&(1..=MAX))
+                        .expect("id")
+                },
+            );
+            let mut space = space.into_inner();
+            g.bench_function(BenchmarkId::new(pattern, name), |b| {
+                b.iter(|| {
+                    let id = space.take_first_free_in(&(1..=MAX)).expect("free id");
+                    let victim = live.swap(id, victim, &mut rng);
+                    space.release(black_box(victim));
+                })
+            });
         }
-        let mut live: Vec<Pasid> =
-            std::iter::from_fn(|| space.take_first_free_in(&(1..=MAX))).collect();
-        while live.len() > target(occupancy) {
-            space.release(live.swap_remove(rng.below(live.len())));
-        }
-        g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                let id = space.take_first_free_in(&(1..=MAX)).expect("free id");
-                let k = rng.below(live.len());
-                let victim = std::mem::replace(&mut live[k], id);
-                space.release(black_box(victim));
-            })
-        });
     }
     g.finish();
 }
@@ -88,17 +170,26 @@ fn bench_free_space(c: &mut Criterion) {
 fn bench_allocator(c: &mut Criterion) {
     let mut g = c.benchmark_group("allocator/alloc_free_pair");
     g.throughput(Throughput::Elements(1));
-    for (name, occupancy) in OCCUPANCIES {
-        let mut rng = Rng(0xD1B5_4A32_D192_ED03);
-        let (mut a, set, mut live) = scattered_allocator(occupancy, &mut rng);
-        g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                let id = a.alloc(set, 1..=MAX).expect("alloc");
-                let k = rng.below(live.len());
-                let victim = std::mem::replace(&mut live[k], id);
-                a.free(set, black_box(victim)).expect("free");
-            })
-        });
+    for (pattern, victim) in PATTERNS {
+        for (name, occupancy) in OCCUPANCIES {
+            let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+            let (a, set, live) = scattered_allocator(occupancy, &mut rng);
+            let a = std::cell::RefCell::new(a);
+            let mut live = Live::new(
+                live,
+                victim,
+                |p| a.borrow_mut().free(set, p).expect("free"),
+                || a.borrow_mut().alloc(set, 1..=MAX).expect("alloc"),
+            );
+            let mut a = a.into_inner();
+            g.bench_function(BenchmarkId::new(pattern, name), |b| {
+                b.iter(|| {
+                    let id = a.alloc(set, 1..=MAX).expect("alloc");
+                    let victim = live.swap(id, victim, &mut rng);
+                    a.free(set, black_box(victim)).expect("free");
+                })
+            });
+        }
     }
     g.finish();
 
@@ -106,7 +197,7 @@ fn bench_allocator(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let mut rng = Rng(0x94D0_49BB_1331_11EB);
     let (mut a, set, live) = scattered_allocator(0.5, &mut rng);
-    g.bench_function("50%", |b| {
+    g.bench_function("random/50%", |b| {
         b.iter(|| {
             let p = live[rng.below(live.len())];
             a.get(set, p).expect("get");
@@ -141,7 +232,7 @@ fn bench_translator(c: &mut Criterion) {
     for (name, occupancy) in OCCUPANCIES {
         let mut rng = Rng(0xBF58_476D_1CE4_E5B9);
         let (mut a, mut t, set, live) = scattered_translator(occupancy, &mut rng);
-        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+        g.bench_function(BenchmarkId::new("random", name), |b| {
             b.iter(|| {
                 let guest = live[rng.below(live.len())];
                 t.unmap(&mut a, set, guest).expect("unmap");
@@ -155,7 +246,7 @@ fn bench_translator(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let mut rng = Rng(0x2545_F491_4F6C_DD1D);
     let (a, t, set, live) = scattered_translator(0.5, &mut rng);
-    g.bench_function("to_host/50%", |b| {
+    g.bench_function("to_host/random/50%", |b| {
         b.iter(|| {
             let guest = live[rng.below(live.len())];
             black_box(t.to_host(&a, set, guest, BITS).expect("to_host"))
@@ -165,7 +256,7 @@ fn bench_translator(c: &mut Criterion) {
         .iter()
         .filter_map(|g| t.to_host(&a, set, *g, BITS).ok())
         .collect();
-    g.bench_function("to_guest/50%", |b| {
+    g.bench_function("to_guest/random/50%", |b| {
         b.iter(|| {
             let host = hosts[rng.below(hosts.len())];
             black_box(t.to_guest(&a, host, BITS).expect("to_guest"))

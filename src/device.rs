@@ -199,6 +199,11 @@ impl Viommu {
         self.acked = features & self.config.device_features();
     }
 
+    /// Device feature bits the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
     fn acked(&self, bit: u32) -> bool {
         self.acked & (1 << bit) != 0
     }

@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod error;
 pub mod mapping;

@@ -735,3 +735,30 @@ fn stats_count_requests_by_type_and_status() {
     assert_eq!(s.by_status[usize::from(VIRTIO_IOMMU_S_INVAL)], 1);
     assert_eq!(s.dropped, 1);
 }
+
+// ---- Translation of ranges (control plane) ----
+
+#[test]
+fn range_translation_spans_adjacent_mappings_and_stops_at_a_hole() {
+    let mut dev = device();
+    attach(&mut dev, 1, 8);
+    map(&mut dev, 1, 0x1000, 0x1fff, 0x10_0000);
+    map(&mut dev, 1, 0x2000, 0x3fff, 0x50_0000);
+    let mut out = Vec::new();
+    dev.translate_range(8, 0x1800, 0x2000, Access::Read, &mut out)
+        .unwrap();
+    assert_eq!(out.len(), 2);
+    assert_eq!(
+        (out[0].iova_start, out[0].iova_end, out[0].gpa_start),
+        (0x1000, 0x1fff, 0x10_0000)
+    );
+    assert_eq!(
+        (out[1].iova_start, out[1].iova_end, out[1].gpa_start),
+        (0x2000, 0x3fff, 0x50_0000)
+    );
+    out.clear();
+    let err = dev
+        .translate_range(8, 0x3000, 0x2000, Access::Read, &mut out)
+        .unwrap_err();
+    assert!(matches!(err, TranslateError::Fault(f) if f.address == 0x4000));
+}

@@ -3,8 +3,13 @@
 //! an access produces when it cannot be translated.
 
 use thiserror::Error;
+use vm_memory::ByteValued;
 
-use crate::{device::Viommu, wire::*};
+use crate::{
+    control::{Extent, EXTENT_F_BYPASS, NO_DOMAIN},
+    device::Viommu,
+    wire::*,
+};
 
 /// Kind of DMA access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,9 +23,13 @@ pub enum Access {
 pub struct Translation {
     /// Guest-physical address of the IOVA.
     pub gpa: u64,
+    /// First IOVA of the mapping that translated it.
+    pub first: u64,
     /// Last IOVA (inclusive) that translates linearly from the same mapping,
     /// so `[iova, last]` maps to `[gpa, gpa + (last - iova)]`.
     pub last: u64,
+    /// Domain of the mapping (`None` in bypass without a domain).
+    pub domain: Option<u32>,
     /// `VIRTIO_IOMMU_MAP_F_*` permissions of the mapping (READ|WRITE when
     /// the endpoint is in bypass).
     pub flags: u32,
@@ -52,6 +61,13 @@ impl Fault {
             endpoint,
             address,
         }
+    }
+
+    /// The record as the bytes written into an event buffer.
+    pub fn record_bytes(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b.copy_from_slice(self.record().as_slice());
+        b
     }
 
     /// The 24-byte record of virtio-iommu 1.3 (reserved fields zero).
@@ -99,16 +115,18 @@ impl Viommu {
         if !self.config().endpoints.contains(endpoint) {
             return Err(TranslateError::NoSuchEndpoint(endpoint));
         }
-        let identity = Translation {
+        let identity = |domain| Translation {
             gpa: iova,
+            first: 0,
             last: u64::MAX,
+            domain,
             flags: VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE,
             bypass: true,
         };
         let fault = |reason| TranslateError::Fault(Fault::new(reason, endpoint, iova, access));
         let Some(domain_id) = self.endpoint_domain(endpoint) else {
             return if self.unattached_bypass() {
-                Ok(identity)
+                Ok(identity(None))
             } else {
                 Err(fault(VIRTIO_IOMMU_FAULT_R_DOMAIN))
             };
@@ -117,7 +135,7 @@ impl Viommu {
             return Err(fault(VIRTIO_IOMMU_FAULT_R_DOMAIN));
         };
         if domain.bypass {
-            return Ok(identity);
+            return Ok(identity(Some(domain_id)));
         }
         let m = domain
             .mappings
@@ -132,9 +150,41 @@ impl Viommu {
         }
         Ok(Translation {
             gpa: m.translate(iova),
+            first: m.virt_start,
             last: m.virt_end,
+            domain: Some(domain_id),
             flags: m.flags,
             bypass: false,
         })
+    }
+
+    /// Translates `[iova, iova + len)` (at least one byte), which may span
+    /// adjacent mappings. Appends one extent per mapping used, each
+    /// covering its whole mapping so callers may cache it; fails at the
+    /// first address that does not translate.
+    pub fn translate_range(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), TranslateError> {
+        let end = iova.saturating_add(len.max(1) - 1);
+        let mut addr = iova;
+        loop {
+            let t = self.translate(endpoint, addr, access)?;
+            out.push(Extent {
+                iova_start: t.first,
+                iova_end: t.last,
+                gpa_start: t.gpa.wrapping_sub(addr - t.first),
+                domain: t.domain.unwrap_or(NO_DOMAIN),
+                flags: t.flags | if t.bypass { EXTENT_F_BYPASS } else { 0 },
+            });
+            if t.last >= end {
+                return Ok(());
+            }
+            addr = t.last + 1;
+        }
     }
 }

@@ -34,6 +34,8 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub struct Daemon {
     child: Option<Child>,
     pub socket: PathBuf,
+    /// The control socket (always enabled by `start`).
+    pub control: PathBuf,
     pub log: PathBuf,
     pub dir: tempfile::TempDir,
 }
@@ -45,9 +47,12 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("viommu.sock");
         let log = dir.path().join("daemon.log");
+        let control = dir.path().join("control.sock");
         let child = Command::new(BIN)
             .arg("--socket-path")
             .arg(&socket)
+            .arg("--control-socket")
+            .arg(&control)
             .args(args)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
@@ -57,10 +62,14 @@ impl Daemon {
         let d = Daemon {
             child: Some(child),
             socket,
+            control,
             log,
             dir,
         };
-        d.wait_for(|| d.socket.exists(), "socket to appear");
+        d.wait_for(
+            || d.socket.exists() && d.control.exists(),
+            "sockets to appear",
+        );
         d
     }
 
@@ -108,6 +117,25 @@ impl Daemon {
             );
             thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Runs `ctl <args> --json` and returns its JSON document.
+    pub fn ctl(&self, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(BIN)
+            .arg("ctl")
+            .arg("--control-socket")
+            .arg(&self.control)
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "ctl {args:?}: {e}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// Log lines at ERROR level (there should be none in normal operation).
@@ -295,6 +323,13 @@ impl Guest {
             next_slot: 0,
             next_event: 0,
         }
+    }
+
+    /// A driver write of the `bypass` config field (through the VMM).
+    pub fn fe_set_bypass(&mut self, on: bool) {
+        self.fe
+            .set_config(0x24, VhostUserConfigFlags::WRITABLE, &[u8::from(on)])
+            .unwrap();
     }
 
     pub fn config(&mut self) -> VirtioIommuConfig {

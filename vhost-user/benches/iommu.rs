@@ -43,6 +43,7 @@ fn batched_queue_path(rounds: usize) {
         DeviceConfig::default(),
         BackendOptions {
             poll: Duration::ZERO,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -30,6 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Inspect a running daemon through its control socket.
+    Ctl(crate::ctl::CtlArgs),
     /// Write an ACPI VIOT table (for QEMU's `-acpitable file=`) describing
     /// the virtio-iommu PCI function and the endpoints it translates.
     Viot(crate::viot::ViotArgs),
@@ -94,6 +96,16 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = 50)]
     pub poll_us: u64,
 
+    /// Unix socket of the control plane (translations, events, `ctl`),
+    /// created mode 0600; only the daemon's uid and root may connect.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// How long a control client may take to acknowledge an invalidation
+    /// before it is disconnected (the guest's UNMAP then completes).
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub client_timeout_ms: u64,
+
     /// Most domains that may exist at once.
     #[arg(long, value_name = "N", default_value_t = 65536)]
     pub max_domains: usize,
@@ -145,6 +157,7 @@ impl DaemonArgs {
     pub fn backend_options(&self) -> BackendOptions {
         BackendOptions {
             poll: Duration::from_micros(self.poll_us),
+            client_timeout: Duration::from_millis(self.client_timeout_ms),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::{
     io,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
     time::{Duration, Instant},
 };
@@ -33,6 +33,7 @@ use vmm_sys_util::{
 
 use crate::{
     chain::Request,
+    control::Hub,
     eventq::{EventQueue, EventStats},
 };
 
@@ -49,12 +50,16 @@ pub struct BackendOptions {
     /// Keep checking the request queue for this long after a batch before
     /// sleeping on the kick eventfd; zero disables polling.
     pub poll: Duration,
+    /// How long a control client may take to acknowledge an invalidation
+    /// before it is disconnected and the guest's request completes.
+    pub client_timeout: Duration,
 }
 
 impl Default for BackendOptions {
     fn default() -> Self {
         BackendOptions {
             poll: Duration::from_micros(50),
+            client_timeout: Duration::from_millis(100),
         }
     }
 }
@@ -66,6 +71,8 @@ struct RequestQueueState {
     /// `next_avail` when the ring was last stopped on this connection.
     stopped_at: Option<u16>,
     buf: Request,
+    /// Completions of the current batch, published once clients acked.
+    used: Vec<(u16, u32)>,
 }
 
 /// The virtio-iommu vhost-user backend. The device model survives
@@ -78,6 +85,8 @@ pub struct IommuBackend {
     event_idx: AtomicBool,
     options: BackendOptions,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    hub: Arc<Hub>,
+    connected: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -99,7 +108,23 @@ impl IommuBackend {
             event_idx: AtomicBool::new(false),
             options,
             exit: Mutex::new(None),
+            hub: Arc::new(Hub::new(options.client_timeout)),
+            connected: AtomicBool::new(false),
         })
+    }
+
+    /// The control-plane clients.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Whether a vhost-user frontend is connected.
+    pub fn frontend_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn set_frontend_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
     }
 
     /// Read access to the device model (translations, inspection).
@@ -107,7 +132,7 @@ impl IommuBackend {
         self.model.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn model_mut(&self) -> RwLockWriteGuard<'_, Viommu> {
+    pub(crate) fn model_mut(&self) -> RwLockWriteGuard<'_, Viommu> {
         self.model.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -160,7 +185,7 @@ impl IommuBackend {
         rq.vring = Some(vring.clone());
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
-            self.drain(&mut rq.buf, vring, &mem)?;
+            self.drain(&mut rq, vring, &mem)?;
             if self.poll_for_requests(vring, &mem) {
                 continue;
             }
@@ -197,10 +222,10 @@ impl IommuBackend {
         }
     }
 
-    fn drain(&self, buf: &mut Request, vring: &VringRwLock, mem: &Mem) -> io::Result<()> {
+    fn drain(&self, rq: &mut RequestQueueState, vring: &VringRwLock, mem: &Mem) -> io::Result<()> {
         let guard = mem.memory();
         let mut model = self.model_mut();
-        let mut used_any = false;
+        rq.used.clear();
         loop {
             // Not `while let`: the vring guard must be gone before add_used.
             let chain = vring
@@ -209,24 +234,46 @@ impl IommuBackend {
                 .pop_descriptor_chain(guard.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let used = match buf.gather(chain, &guard) {
+            let used = match rq.buf.gather(chain, &guard) {
                 Ok(()) => {
-                    let response = model.handle_request(buf.readable(), buf.writable_len());
-                    write_response(&response, buf, &guard)
+                    let response = model.handle_request(rq.buf.readable(), rq.buf.writable_len());
+                    write_response(&response, &rq.buf, &guard)
                 }
                 Err(e) => {
                     warn!("request {head}: {e}");
                     0
                 }
             };
-            vring.add_used(head, used).map_err(io::Error::other)?;
-            used_any = true;
+            rq.used.push((head, used));
         }
-        drop(model);
-        if used_any && vring.needs_notification().map_err(io::Error::other)? {
+        if rq.used.is_empty() {
+            return Ok(());
+        }
+        // Control clients learn about the batch's changes before the guest
+        // sees any of its requests complete.
+        self.publish(model);
+        for &(head, len) in &rq.used {
+            vring.add_used(head, len).map_err(io::Error::other)?;
+        }
+        if vring.needs_notification().map_err(io::Error::other)? {
             vring.signal_used_queue()?;
         }
         Ok(())
+    }
+
+    /// Hands the changes recorded in `model` to the control clients and
+    /// waits for those that must acknowledge them (without holding the
+    /// model lock, so their translations keep flowing).
+    fn publish(&self, mut model: RwLockWriteGuard<'_, Viommu>) {
+        let changes = model.take_changes();
+        if changes.is_empty() {
+            return;
+        }
+        let waiting = self.hub.stage(&changes);
+        drop(model);
+        if !waiting.is_empty() {
+            self.hub.flush_and_wait(&waiting);
+        }
     }
 
     /// QEMU's generic vhost-user device tells the backend nothing when the
@@ -242,7 +289,9 @@ impl IommuBackend {
         let restart_at = vring.get_ref().get_queue().next_avail();
         if stopped_at != 0 && restart_at == 0 {
             info!("request queue restarted at 0 (stopped at {stopped_at}): driver reset, clearing IOMMU state");
-            self.model_mut().reset();
+            let mut model = self.model_mut();
+            model.reset();
+            self.publish(model);
         }
     }
 }
@@ -318,7 +367,9 @@ impl VhostUserBackend for IommuBackend {
 
     fn reset_device(&self) {
         info!("device reset: clearing IOMMU state");
-        self.model_mut().reset();
+        let mut model = self.model_mut();
+        model.reset();
+        self.publish(model);
         lock(&self.events).reset(false);
         lock(&self.requestq).stopped_at = None;
     }
@@ -359,6 +410,7 @@ impl VhostUserBackend for IommuBackend {
                 );
             }
         }
+        self.publish(model);
         Ok(())
     }
 

@@ -119,6 +119,7 @@ pub fn serve(backend: Arc<IommuBackend>, source: SocketSource) -> Result<(), Dae
             continue;
         }
         info!("frontend connected");
+        backend.set_frontend_connected(true);
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => warn!("frontend connection ended: {e}"),
@@ -127,6 +128,7 @@ pub fn serve(backend: Arc<IommuBackend>, source: SocketSource) -> Result<(), Dae
             handler.send_exit_event();
         }
         drop(daemon);
+        backend.set_frontend_connected(false);
         backend.end_connection();
     }
 }

@@ -5,6 +5,8 @@
 pub mod args;
 pub mod backend;
 pub mod chain;
+pub mod control;
+pub mod ctl;
 pub mod daemon;
 pub mod eventq;
 pub mod viot;

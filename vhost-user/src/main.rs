@@ -8,6 +8,7 @@ use log::error;
 use vhost_device_iommu::{
     args::{Cli, Command},
     backend::IommuBackend,
+    control, ctl,
     daemon::{exit_on_signals, serve, Cleanup, SocketSource},
     viot,
 };
@@ -25,22 +26,29 @@ fn run(cli: Cli) -> Result<(), String> {
         (None, Some(fd)) => SocketSource::Fd(fd),
         (None, None) => return Err("--socket-path or --socket-fd is required".into()),
     };
+    let backend = Arc::new(backend);
+    if let Some(path) = &args.control_socket {
+        control::start(backend.clone(), path)
+            .map_err(|e| format!("cannot create control socket {}: {e}", path.display()))?;
+        cleanup.add(path);
+    }
     exit_on_signals(cleanup).map_err(|e| e.to_string())?;
-    serve(Arc::new(backend), source).map_err(|e| e.to_string())
+    serve(backend, source).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let mut cli = Cli::parse();
-    let result = match cli.command.take() {
-        Some(Command::Viot(args)) => viot::run(&args).map_err(|e| e.to_string()),
-        None => run(cli),
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Ctl(args)) => ctl::run(args).map(ExitCode::from).map_err(|e| {
+            eprintln!("error: {e}");
+        }),
+        Some(Command::Viot(args)) => viot::run(&args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| eprintln!("error: {e}")),
+        None => run(cli)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| error!("{e}")),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    result.unwrap_or(ExitCode::FAILURE)
 }

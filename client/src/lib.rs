@@ -1,0 +1,614 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `viommu-client`: what a VMM links to use an out-of-process
+//! vhost-device-iommu (docs/control-protocol.md).
+//!
+//! - `translate` / `translate_with`: IOVA -> guest-physical segments for
+//!   DMA of devices the VMM emulates, through a coherent cache;
+//! - `next_event` / `ack`: the IOMMU state as a stream (replay, then
+//!   changes) to shadow into VFIO or iommufd;
+//! - `report_fault`: an unrecoverable fault delivered to the guest;
+//! - `query`: the inspection documents `ctl` prints.
+//!
+//! Coherence: with the cache on, the daemon does not complete a guest
+//! UNMAP or DETACH before this client has dropped the affected
+//! translations and acknowledged. `translate_with` holds the cache's read
+//! lock while its closure runs, so the acknowledgement also waits for DMA
+//! in progress on a translation being invalidated.
+
+pub mod cache;
+
+use std::{
+    collections::HashMap,
+    io::{self, Read, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        mpsc, Arc, Mutex, MutexGuard, RwLock,
+    },
+    thread,
+    time::Duration,
+};
+
+use cache::Cache;
+use log::warn;
+use serde_json::Value;
+use viommu::control::*;
+pub use viommu::{
+    control::{EventKind, Extent, FaultInfo, Scope},
+    Access,
+};
+
+/// How many times a translation is fetched again when an invalidation
+/// keeps removing it before it can be used.
+const MAX_REFETCH: usize = 16;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("control socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("the daemon refused the connection: {0}")]
+    Refused(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("disconnected from the daemon")]
+    Disconnected,
+    #[error("endpoint {0} does not exist")]
+    NoSuchEndpoint(u32),
+    #[error("translation fault at {:#x} (endpoint {}, reason {})", .0.address, .0.endpoint, .0.reason)]
+    Fault(FaultInfo),
+    #[error("daemon error {status}: {message}")]
+    Daemon { status: u32, message: String },
+    #[error("translation invalidated {MAX_REFETCH} times in a row")]
+    Unstable,
+}
+
+/// One guest-physical piece of a translated IOVA range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub iova: u64,
+    pub gpa: u64,
+    pub len: u64,
+}
+
+/// How the client follows the IOMMU state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subscription {
+    /// Events arrive as they happen; the guest does not wait for them.
+    Async,
+    /// The guest's request completes only after `ack` of each event
+    /// (for shadowing into VFIO/iommufd before the guest relies on it).
+    Sync,
+}
+
+/// Connection options.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Cache translations (and take part in invalidations).
+    pub cache: bool,
+    pub subscribe: Option<Subscription>,
+}
+
+/// One item of the event stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Part of the state at subscription time.
+    Replayed(EventKind),
+    /// The replay is complete; live events follow.
+    ReplayDone,
+    /// A change; with `Subscription::Sync`, `ack(seq)` it once applied.
+    Live { seq: u64, kind: EventKind },
+}
+
+enum Reply {
+    Translation(Vec<Extent>),
+    Fault(FaultInfo),
+    Result(u32, String),
+    Query(String),
+}
+
+struct Call {
+    endpoint: u32,
+    iova: u64,
+    tx: mpsc::SyncSender<Reply>,
+}
+
+struct Shared {
+    writer: Mutex<UnixStream>,
+    calls: Mutex<HashMap<u32, Call>>,
+    cache: Option<RwLock<Cache>>,
+    events: Mutex<Option<mpsc::Sender<Event>>>,
+    closed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn send(&self, msg: &Message) -> Result<(), Error> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Disconnected);
+        }
+        lock(&self.writer)
+            .write_all(&msg.encode())
+            .map_err(Error::Io)
+    }
+}
+
+/// A connection to the daemon's control socket.
+pub struct Client {
+    shared: Arc<Shared>,
+    next_tag: AtomicU32,
+    events: Mutex<Option<mpsc::Receiver<Event>>>,
+    client_id: u64,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+struct FrameReader {
+    stream: UnixStream,
+    buf: FrameBuffer,
+}
+
+impl FrameReader {
+    fn next(&mut self) -> Result<Option<Message>, Error> {
+        loop {
+            match self.buf.next_frame() {
+                Ok(Some(body)) => {
+                    return Message::decode(body)
+                        .map(Some)
+                        .map_err(|e| Error::Protocol(e.to_string()))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Error::Protocol(e.to_string())),
+            }
+            let spare = self.buf.spare(64 * 1024);
+            let n_spare = spare.len();
+            let n = self.stream.read(spare)?;
+            self.buf.filled(n, n_spare);
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Connects and performs the version handshake.
+    pub fn connect(path: impl AsRef<Path>, options: Options) -> Result<Client, Error> {
+        let stream = UnixStream::connect(path)?;
+        let mut flags = 0;
+        if options.cache {
+            flags |= HELLO_F_CACHE;
+        }
+        match options.subscribe {
+            Some(Subscription::Async) => flags |= HELLO_F_SUBSCRIBE,
+            Some(Subscription::Sync) => flags |= HELLO_F_SUBSCRIBE | HELLO_F_SYNC,
+            None => {}
+        }
+        // A refused client may find the socket closed when it writes; the
+        // daemon's reason is still waiting to be read.
+        let sent = (&stream).write_all(
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                flags,
+            }
+            .encode(),
+        );
+        let mut reader = FrameReader {
+            stream: stream.try_clone()?,
+            buf: FrameBuffer::new(),
+        };
+        reader.stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let client_id = match (reader.next(), sent) {
+            (Ok(Some(Message::Bye { message })), _) => return Err(Error::Refused(message)),
+            (_, Err(e)) => return Err(Error::Io(e)),
+            (Ok(Some(Message::Welcome { client_id, .. })), Ok(())) => client_id,
+            (Ok(Some(other)), Ok(())) => {
+                return Err(Error::Protocol(format!("expected WELCOME, got {other:?}")))
+            }
+            (Ok(None), Ok(())) => {
+                return Err(Error::Refused(
+                    "connection closed during the handshake".into(),
+                ))
+            }
+            (Err(e), Ok(())) => return Err(e),
+        };
+        reader.stream.set_read_timeout(None)?;
+        let (tx, rx) = if options.subscribe.is_some() {
+            let (tx, rx) = mpsc::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(stream),
+            calls: Mutex::new(HashMap::new()),
+            cache: options.cache.then(|| RwLock::new(Cache::default())),
+            events: Mutex::new(tx),
+            closed: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let reader = thread::Builder::new()
+            .name("viommu-client".into())
+            .spawn(move || read_loop(s, reader))?;
+        Ok(Client {
+            shared,
+            next_tag: AtomicU32::new(1),
+            events: Mutex::new(rx),
+            client_id,
+            reader: Some(reader),
+        })
+    }
+
+    /// The ID the daemon gave this client.
+    pub fn id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// Whether the daemon closed the connection.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    fn call(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        build: impl FnOnce(u32) -> Message,
+    ) -> Result<Reply, Error> {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(1);
+        lock(&self.shared.calls).insert(tag, Call { endpoint, iova, tx });
+        if let Err(e) = self.shared.send(&build(tag)) {
+            lock(&self.shared.calls).remove(&tag);
+            return Err(e);
+        }
+        rx.recv().map_err(|_| Error::Disconnected)
+    }
+
+    fn fetch(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+        report: bool,
+    ) -> Result<Vec<Extent>, Error> {
+        let mut flags = if access == Access::Write {
+            TRANSLATE_F_WRITE
+        } else {
+            0
+        };
+        if report {
+            flags |= TRANSLATE_F_REPORT_FAULT;
+        }
+        match self.call(endpoint, iova, |tag| Message::Translate {
+            tag,
+            endpoint,
+            flags,
+            iova,
+            len,
+        })? {
+            Reply::Translation(extents) => Ok(extents),
+            Reply::Fault(f) => Err(Error::Fault(f)),
+            Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
+            Reply::Result(status, message) => Err(Error::Daemon { status, message }),
+            Reply::Query(_) => Err(Error::Protocol("query reply to a translation".into())),
+        }
+    }
+
+    /// Translates `[iova, iova + len)` for a DMA `access` of `endpoint`
+    /// into guest-physical segments.
+    pub fn translate(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Vec<Segment>, Error> {
+        self.translate_with(endpoint, iova, len, access, |s| s.to_vec())
+    }
+
+    /// Like `translate`, and also reports a failing access on the guest's
+    /// event queue.
+    pub fn translate_or_report(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Vec<Segment>, Error> {
+        let extents = self.fetch(endpoint, iova, len, access, true)?;
+        Ok(segments(&extents, iova, len))
+    }
+
+    /// Translates, then runs `dma` on the segments. With the cache on, an
+    /// invalidation of these translations is not acknowledged (so the
+    /// guest's UNMAP does not complete) until `dma` has returned. `dma` must
+    /// not call back into this client.
+    pub fn translate_with<R>(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+        dma: impl FnOnce(&[Segment]) -> R,
+    ) -> Result<R, Error> {
+        let len = len.max(1);
+        let Some(cache) = &self.shared.cache else {
+            let extents = self.fetch(endpoint, iova, len, access, false)?;
+            return Ok(dma(&segments(&extents, iova, len)));
+        };
+        for _ in 0..MAX_REFETCH {
+            {
+                let c = cache.read().unwrap_or_else(|e| e.into_inner());
+                if let Some(e) = c.lookup(endpoint, iova, access) {
+                    // The common case: one extent covers the whole range.
+                    if e.iova_end >= iova.saturating_add(len - 1) {
+                        let seg = Segment {
+                            iova,
+                            gpa: e.gpa_start.wrapping_add(iova - e.iova_start),
+                            len,
+                        };
+                        return Ok(dma(&[seg]));
+                    }
+                    if let Some(segs) = cached_segments(&c, endpoint, iova, len, access) {
+                        return Ok(dma(&segs));
+                    }
+                }
+            }
+            // Miss: the reader thread caches the reply before handing it
+            // over, so the next lookup finds it unless it was invalidated
+            // in between, in which case it is fetched again.
+            self.fetch(endpoint, iova, len, access, false)?;
+        }
+        Err(Error::Unstable)
+    }
+
+    /// Reports an unrecoverable fault of `endpoint` at `address`; the
+    /// daemon delivers it on the guest's event queue. `reason` is a
+    /// `VIRTIO_IOMMU_FAULT_R_*` value.
+    pub fn report_fault(
+        &self,
+        endpoint: u32,
+        address: u64,
+        access: Option<Access>,
+        reason: u8,
+    ) -> Result<(), Error> {
+        let flags = match access {
+            Some(Access::Read) => FAULT_F_READ,
+            Some(Access::Write) => FAULT_F_WRITE,
+            None => 0,
+        };
+        let fault = FaultInfo {
+            reason,
+            flags,
+            endpoint,
+            address,
+        };
+        match self.call(endpoint, address, |tag| Message::ReportFault { tag, fault })? {
+            Reply::Result(RESULT_OK, _) => Ok(()),
+            Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
+            Reply::Result(status, message) => Err(Error::Daemon { status, message }),
+            _ => Err(Error::Protocol("unexpected reply to a fault report".into())),
+        }
+    }
+
+    /// Runs an inspection query (`{"cmd": "status"}` etc.).
+    pub fn query(&self, q: &Value) -> Result<Value, Error> {
+        let json = q.to_string();
+        match self.call(0, 0, |tag| Message::Query { tag, json })? {
+            Reply::Query(text) => {
+                let v: Value =
+                    serde_json::from_str(&text).map_err(|e| Error::Protocol(e.to_string()))?;
+                match v.get("error").and_then(Value::as_str) {
+                    Some(msg) => Err(Error::Daemon {
+                        status: RESULT_INVALID,
+                        message: msg.into(),
+                    }),
+                    None => Ok(v),
+                }
+            }
+            _ => Err(Error::Protocol("unexpected reply to a query".into())),
+        }
+    }
+
+    /// The next event of the stream (subscribed clients only).
+    pub fn next_event(&self, timeout: Duration) -> Option<Event> {
+        lock(&self.events).as_ref()?.recv_timeout(timeout).ok()
+    }
+
+    /// Acknowledges a live event (`Subscription::Sync`).
+    pub fn ack(&self, seq: u64) -> Result<(), Error> {
+        self.shared.send(&Message::Ack { seq })
+    }
+
+    /// Number of cached translations.
+    pub fn cached(&self) -> usize {
+        self.shared
+            .cache
+            .as_ref()
+            .map_or(0, |c| c.read().unwrap_or_else(|e| e.into_inner()).len())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = lock(&self.shared.writer).shutdown(std::net::Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// Cuts `[iova, iova + len)` out of the extents of a translation.
+fn segments(extents: &[Extent], iova: u64, len: u64) -> Vec<Segment> {
+    let end = iova.saturating_add(len.max(1) - 1);
+    let mut out = Vec::with_capacity(extents.len());
+    let mut addr = iova;
+    for e in extents {
+        if addr > end || addr < e.iova_start || addr > e.iova_end {
+            break;
+        }
+        let last = e.iova_end.min(end);
+        out.push(Segment {
+            iova: addr,
+            gpa: e.gpa_start.wrapping_add(addr - e.iova_start),
+            len: last - addr + 1,
+        });
+        if last == u64::MAX {
+            break;
+        }
+        addr = last + 1;
+    }
+    out
+}
+
+fn cached_segments(
+    c: &Cache,
+    endpoint: u32,
+    iova: u64,
+    len: u64,
+    access: Access,
+) -> Option<Vec<Segment>> {
+    let end = iova.saturating_add(len - 1);
+    let mut extents = Vec::new();
+    let mut addr = iova;
+    loop {
+        let e = c.lookup(endpoint, addr, access)?;
+        extents.push(e);
+        if e.iova_end >= end {
+            return Some(segments(&extents, iova, len));
+        }
+        addr = e.iova_end + 1;
+    }
+}
+
+fn read_loop(shared: Arc<Shared>, mut reader: FrameReader) {
+    loop {
+        let msg = match reader.next() {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                if !shared.closed.load(Ordering::Acquire) {
+                    warn!("viommu control connection: {e}");
+                }
+                break;
+            }
+        };
+        let reply = |tag: u32, r: Reply| {
+            if let Some(call) = lock(&shared.calls).remove(&tag) {
+                let _ = call.tx.send(r);
+            }
+        };
+        match msg {
+            Message::Translation { tag, extents } => {
+                if let Some(cache) = &shared.cache {
+                    if let Some(call) = lock(&shared.calls).get(&tag) {
+                        cache.write().unwrap_or_else(|e| e.into_inner()).insert(
+                            call.endpoint,
+                            call.iova,
+                            &extents,
+                        );
+                    }
+                }
+                reply(tag, Reply::Translation(extents));
+            }
+            Message::Fault { tag, fault } => reply(tag, Reply::Fault(fault)),
+            Message::Result {
+                tag,
+                status,
+                message,
+            } => reply(tag, Reply::Result(status, message)),
+            Message::QueryReply { tag, json } => reply(tag, Reply::Query(json)),
+            Message::Invalidate { seq, scope } => {
+                if let Some(cache) = &shared.cache {
+                    // Waits for `translate_with` closures still using them.
+                    cache
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .invalidate(scope);
+                }
+                if shared.send(&Message::Ack { seq }).is_err() {
+                    break;
+                }
+            }
+            Message::Event { seq, kind } => {
+                let ev = if seq == 0 {
+                    Event::Replayed(kind)
+                } else {
+                    Event::Live { seq, kind }
+                };
+                if let Some(tx) = lock(&shared.events).as_ref() {
+                    let _ = tx.send(ev);
+                }
+            }
+            Message::ReplayDone => {
+                if let Some(tx) = lock(&shared.events).as_ref() {
+                    let _ = tx.send(Event::ReplayDone);
+                }
+            }
+            Message::Bye { message } => {
+                warn!("viommu daemon closed the control connection: {message}");
+                break;
+            }
+            other => warn!("unexpected message from the daemon: {other:?}"),
+        }
+    }
+    shared.closed.store(true, Ordering::Release);
+    // Fail pending calls and end the event stream.
+    lock(&shared.calls).clear();
+    lock(&shared.events).take();
+    if let Some(cache) = &shared.cache {
+        // Nothing invalidates this cache any more.
+        cache.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cut_the_requested_range_out_of_whole_mappings() {
+        let ext = |s, e, g| Extent {
+            iova_start: s,
+            iova_end: e,
+            gpa_start: g,
+            domain: 1,
+            flags: 3,
+        };
+        let segs = segments(
+            &[ext(0x1000, 0x1fff, 0x10000), ext(0x2000, 0x3fff, 0x50000)],
+            0x1800,
+            0x1000,
+        );
+        assert_eq!(
+            segs,
+            [
+                Segment {
+                    iova: 0x1800,
+                    gpa: 0x10800,
+                    len: 0x800
+                },
+                Segment {
+                    iova: 0x2000,
+                    gpa: 0x50000,
+                    len: 0x800
+                },
+            ]
+        );
+        let identity = segments(&[ext(0, u64::MAX, 0)], u64::MAX - 1, 10);
+        assert_eq!(
+            identity,
+            [Segment {
+                iova: u64::MAX - 1,
+                gpa: u64::MAX - 1,
+                len: 2
+            }]
+        );
+    }
+}

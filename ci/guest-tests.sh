@@ -87,6 +87,8 @@ dir=""       # this boot's log directory
 console=""
 ctl_sock=""
 alive=no     # the guest is still following the script
+stuck=""     # why not, if it is not
+answered=0   # VDI-WAIT steps the host has answered
 deadline=0
 
 # check NAME HOSTCHECK_SUBCOMMAND [ARGS...]: a host-side check through ctl.
@@ -120,24 +122,41 @@ local_check() {
 
 ctl_json() { "$VDI_DAEMON_BIN" ctl --control-socket "$ctl_sock" "$@" --json; }
 
-# reach ERE [COUNT]: wait until the guest printed ERE (COUNT times).
+# reach ERE [COUNT]: wait until the guest printed ERE (COUNT times).  Fails
+# at once if the guest is blocked in another step's VDI-WAIT (it skipped
+# this step: its checks are then reported as not reached, later steps still
+# run), and for good (alive=no) if QEMU ended or the boot's time ran out.
 reach() {
-    local ere="$1" count="${2:-1}" left
+    local ere="$1" count="${2:-1}" text pending
     [[ $alive == yes ]] || return 1
     while :; do
-        left=$((deadline - $(date +%s)))
-        if ((left <= 0)) || ! vdi_wait_console "$console" "$ere" "$left"; then
-            alive=no
-            echo "     ($name: the guest did not reach '$ere')"
+        text="$(tr -d '\r' <"$console")"
+        (($(grep -Ec -- "$ere" <<<"$text" || true) >= count)) && return 0
+        pending="$(awk -v a="$answered" '/^VDI-WAIT / { w = $2; n++ } END { if (n > a) print w }' <<<"$text")"
+        if [[ -n "$pending" && ! "VDI-WAIT $pending" =~ $ere ]]; then
+            echo "     ($name: the guest skipped '$ere', it waits at '$pending')"
             return 1
         fi
-        (($(tr -d '\r' <"$console" | grep -Ec -- "$ere") >= count)) && return 0
-        kill -0 "$VDI_QEMU_PID" 2>/dev/null || { alive=no; return 1; }
+        if ! kill -0 "$VDI_QEMU_PID" 2>/dev/null; then
+            alive=no
+            stuck="QEMU ended before the guest reached '$ere'"
+            return 1
+        fi
+        if (($(date +%s) >= deadline)); then
+            alive=no
+            stuck="the guest did not reach '$ere' within ${timeout_s}s"
+            return 1
+        fi
         sleep 0.05
     done
 }
 
-go() { vdi_send_guest go || alive=no; }
+# release: end a vfio-map hold; go: answer the guest's current VDI-WAIT.
+release() { vdi_send_guest go || { alive=no; stuck="cannot write to the guest's ttyS1"; }; }
+go() {
+    answered=$((answered + 1))
+    release
+}
 
 # boot KERNEL_INDEX MODE: MODE = translated | identity-bypass | identity-nobypass
 boot() {
@@ -192,6 +211,8 @@ boot() {
     local dpid="$VDI_DAEMON_PID" t0="$EPOCHREALTIME"
     deadline=$(($(date +%s) + timeout_s))
     alive=yes
+    stuck=""
+    answered=0
     # shellcheck disable=SC2054  # commas inside -device/-machine arguments are intended
     vdi_qemu_start "$timeout_s" "$console" "$dir" \
         -machine "q35,accel=$VDI_ACCEL,memory-backend=mem0" -cpu "$VDI_CPU" -smp 2 -m 512M \
@@ -210,12 +231,12 @@ boot() {
             check endpoint-probe probe --min 2
             check mappings mappings --console "$console" --endpoint "$ep_id" --save-domain "$dir/domain"
             check translate translate --console "$console" --endpoint "$ep_id"
-            go
+            release
         fi
         if reach '^vfio-map: HOLD ' 2; then
             check unmap unmapped --console "$console" --endpoint "$ep_id" \
                 --domain-file "$dir/domain" --stats-before "$dir/stats-hold.json"
-            go
+            release
         fi
         if reach '^VDI-WAIT fault$'; then
             check fault-inject fault --endpoint "$ep_id" --address "$fault_addr"
@@ -256,6 +277,7 @@ boot() {
     else
         local why="QEMU exit status $rc"
         [[ $rc -eq 124 ]] && why="timed out after ${timeout_s}s"
+        [[ -n "$stuck" ]] && why="$stuck; QEMU stopped (status $rc)"
         result FAIL "$name/boot" "$why, guest test did not finish"
     fi
     local line status detail c

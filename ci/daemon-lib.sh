@@ -10,24 +10,25 @@
 # (the guest's second serial port, /dev/ttyS1, fed through a FIFO).
 #
 # Functions:
-#   vdi_daemon_build                 sets VDI_DAEMON_BIN (absolute path)
+#   vdi_daemon_build                 sets VDI_DAEMON_BIN (absolute path); installs
+#                                    python3 if missing (the runners need it)
 #   vdi_daemon_has_ctl               true if the binary has --control-socket
 #   vdi_daemon_start LOG SOCK CTL [DAEMON_ARGS...]
-#                                    RUST_LOG=debug daemon in the background,
+#                                    daemon in the background (RUST_LOG=debug,
+#                                    or $VDI_RUST_LOG),
 #                                    waits for its socket(s); sets VDI_DAEMON_PID.
 #                                    CTL "" = no control socket.
 #   vdi_daemon_stop                  SIGTERM, wait; returns the daemon's status
 #   vdi_viot OUT IOMMU_BDF ENDPOINTS writes a VIOT with the daemon binary
 #   vdi_qemu_start TIMEOUT_S CONSOLE DIR QEMU_ARGS...
 #                                    QEMU in the background under `timeout`,
-#                                    console to CONSOLE, ttyS1 fed from
-#                                    DIR/hostline.in; sets VDI_QEMU_PID
+#                                    stdout+stderr to CONSOLE; QEMU_ARGS give
+#                                    the console (-serial stdio = ttyS0), this
+#                                    adds ttyS1 fed from DIR/hostline.in;
+#                                    sets VDI_QEMU_PID
 #   vdi_qemu_wait                    waits for QEMU; returns its status (124 =
 #                                    timed out)
 #   vdi_qemu_kill                    ends QEMU (the timeout wrapper) if running
-#   vdi_wait_console CONSOLE ERE SECONDS
-#                                    waits until a console line matches ERE;
-#                                    fails if QEMU ended or time ran out
 #   vdi_send_guest LINE              writes LINE to the guest's /dev/ttyS1
 
 VDI_LIB_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,8 +36,17 @@ VDI_DAEMON_PID=""
 VDI_QEMU_PID=""
 VDI_HOSTLINE_FD=""
 
+vdi__need_python3() {   # the runners parse JSON with python3
+    command -v python3 >/dev/null && return 0
+    [[ $EUID -eq 0 ]] || { echo "daemon-lib: python3 is missing; run as root or install it" >&2; return 1; }
+    echo "daemon-lib: installing python3" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get -qq update >&2 || true
+    DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends python3 >/dev/null
+}
+
 vdi_daemon_build() {
     local target
+    vdi__need_python3
     (cd "$VDI_LIB_REPO" && cargo build --release --quiet -p vhost-device-iommu) >&2
     target="$(cd "$VDI_LIB_REPO" && cargo metadata --format-version 1 --no-deps |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
@@ -54,7 +64,7 @@ vdi_daemon_start() {
     local args=(--socket-path "$sock")
     [[ -n "$ctl" ]] && args+=(--control-socket "$ctl")
     rm -f "$sock" "$ctl"
-    RUST_LOG=debug "$VDI_DAEMON_BIN" "${args[@]}" "$@" >"$log" 2>&1 &
+    RUST_LOG="${VDI_RUST_LOG:-debug}" "$VDI_DAEMON_BIN" "${args[@]}" "$@" >"$log" 2>&1 &
     VDI_DAEMON_PID=$!
     for ((k = 0; k < 200; k++)); do
         if [[ -S "$sock" && (-z "$ctl" || -S "$ctl") ]]; then
@@ -115,22 +125,6 @@ vdi_qemu_kill() {
     [[ -n "$VDI_QEMU_PID" ]] || return 0
     kill -TERM "$VDI_QEMU_PID" 2>/dev/null || true
     vdi_qemu_wait || true
-}
-
-vdi_wait_console() {
-    local console="$1" ere="$2" deadline
-    deadline=$(($(date +%s) + $3))
-    while (($(date +%s) < deadline)); do
-        if tr -d '\r' <"$console" | grep -Eq -- "$ere"; then
-            return 0
-        fi
-        if [[ -z "$VDI_QEMU_PID" ]] || ! kill -0 "$VDI_QEMU_PID" 2>/dev/null; then
-            tr -d '\r' <"$console" | grep -Eq -- "$ere"
-            return
-        fi
-        sleep 0.05
-    done
-    return 1
 }
 
 vdi_send_guest() {

@@ -55,11 +55,6 @@ hp_bdf=01:00.0
 hp_id=256
 fault_addr=0xdead0000
 
-if ! command -v python3 >/dev/null; then
-    echo "guest-tests: installing python3" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends python3 >/dev/null
-fi
-
 passed=0
 failed=0
 reported=()

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# ci/bench-guest.sh: side-by-side guest benchmark of QEMU's built-in
+# virtio-iommu and the vhost-device-iommu daemon.
+# Owns: booting the same guest kernel under the same QEMU on this machine
+# with (a) `-device virtio-iommu-pci` (QEMU builds the VIOT) and (b) the
+# daemon behind vhost-user-test-device-pci (VIOT from `vhost-device-iommu
+# viot`), polling on (--poll-us 50) and off (--poll-us 0), in alternating
+# rounds (a, b-poll, b-nopoll, a, ...); each boot runs ci/guest/bench-test.sh
+# (vfio-map --bench N: N VFIO MAP+UNMAP pairs of 4 KiB after a warm-up).
+# Prints pairs/s per run, the median per configuration and the ratios
+# daemon/builtin.  Exits non-zero if a run failed.
+#
+# Usage: bash ci/bench-guest.sh
+# Env:   VDI_BENCH_PAIRS    MAP+UNMAP pairs per run (default 20000)
+#        VDI_BENCH_WARMUP   pairs run first and discarded (default 2000)
+#        VDI_BENCH_ROUNDS   rounds of the three configurations (default 3)
+#        VDI_BENCH_KERNELS  kernel indexes (default: the newest, i.e. the last)
+#        VDI_BENCH_SMP      guest vCPUs (default 2, as ci/guest-tests.sh)
+#        VDI_BENCH_TIMEOUT  hard timeout per boot in seconds (default 300)
+#        VDI_BENCH_LOGDIR   log directory (default: new dir under ${TMPDIR:-/tmp})
+#        plus the knobs of ci/provision.sh (VDI_ACCEL, VDI_CACHE, ...)
+
+set -euo pipefail
+
+ci_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=provision.sh
+source "$ci_dir/provision.sh"
+# shellcheck source=daemon-lib.sh
+source "$ci_dir/daemon-lib.sh"
+
+pairs="${VDI_BENCH_PAIRS:-20000}"
+warmup="${VDI_BENCH_WARMUP:-2000}"
+rounds="${VDI_BENCH_ROUNDS:-3}"
+smp="${VDI_BENCH_SMP:-2}"
+timeout_s="${VDI_BENCH_TIMEOUT:-300}"
+kernels="${VDI_BENCH_KERNELS:-$((${#VDI_KERNEL_RELEASES[@]} - 1))}"
+logdir="${VDI_BENCH_LOGDIR:-$(mktemp -d "${TMPDIR:-/tmp}/vdi-bench.XXXXXX")}"
+mkdir -p "$logdir"
+configs=(builtin daemon-poll daemon-nopoll)
+
+cleanup() {
+    vdi_qemu_kill
+    vdi_daemon_stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+vdi_daemon_build
+VDI_RUST_LOG=info
+echo "bench-guest: QEMU $VDI_QEMU_VERSION ($VDI_ACCEL), $(nproc) host CPUs, guest -smp $smp," \
+    "$pairs pairs per run after $warmup warm-up pairs, $rounds rounds; logs in $logdir"
+echo "bench-guest: load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# run KERNEL_INDEX CONFIG ROUND: one boot; prints pairs/s or "FAIL ...".
+run() {
+    local i="$1" config="$2" round="$3" dir
+    dir="$logdir/${VDI_KERNEL_LABELS[$i]}-$config-$round"
+    mkdir -p "$dir"
+    # shellcheck disable=SC2054  # commas inside -device/-machine arguments are intended
+    local args=(
+        -machine "q35,accel=$VDI_ACCEL,memory-backend=mem0" -cpu "$VDI_CPU" -smp "$smp" -m 512M
+        -object memory-backend-memfd,id=mem0,size=512M,share=on
+        -nodefaults -nographic -no-reboot -serial stdio
+        -kernel "${VDI_KERNEL_IMAGES[$i]}" -initrd "$logdir/initrd-$i.gz"
+        -append "$VDI_KERNEL_CMDLINE vdi.dev=0000:00:04.0 vdi.bench=$pairs vdi.warmup=$warmup"
+    )
+    case "$config" in
+        builtin) args+=(-device "virtio-iommu-pci,addr=03.0") ;;
+        daemon-*)
+            local poll=50
+            [[ $config == daemon-nopoll ]] && poll=0
+            vdi_viot "$dir/viot.bin" 00:03.0 00:04.0
+            vdi_daemon_start "$dir/daemon.log" "$dir/vhost.sock" "" --endpoints 32 --poll-us "$poll" ||
+                { echo "FAIL daemon did not start"; return 0; }
+            # shellcheck disable=SC2054
+            args+=(-chardev "socket,id=viommu0,path=$dir/vhost.sock"
+                -device vhost-user-test-device-pci,chardev=viommu0,virtio-id=23,num_vqs=2,config_size=40,addr=03.0
+                -acpitable "file=$dir/viot.bin")
+            ;;
+    esac
+    args+=(-device "edu,addr=04.0")
+    local rc=0
+    vdi_qemu_start "$timeout_s" "$dir/console.log" "$dir" "${args[@]}"
+    vdi_qemu_wait || rc=$?
+    vdi_daemon_stop >/dev/null 2>&1 || true
+    local line
+    line="$(tr -d '\r' <"$dir/console.log" | grep -m1 '^VDI-BENCH ' || true)"
+    case "$line" in
+        "VDI-BENCH pairs/s="*) echo "${line#VDI-BENCH pairs/s=}" ;;
+        "") echo "FAIL no result (QEMU status $rc, see $dir/console.log)" ;;
+        *) echo "FAIL ${line#VDI-BENCH }" ;;
+    esac
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+failures=0
+for i in $kernels; do
+    label="${VDI_KERNEL_LABELS[$i]}"
+    vdi_build_initramfs "$i" "$logdir/initrd-$i.gz" "$ci_dir/guest/bench-test.sh:etc/vdi/test"
+    declare -A results=()
+    echo "--- kernel $label (${VDI_KERNEL_RELEASES[$i]})"
+    for ((r = 1; r <= rounds; r++)); do
+        for c in "${configs[@]}"; do
+            v="$(run "$i" "$c" "$r")"
+            if [[ "$v" == FAIL* ]]; then
+                printf '%-6s round %d  %-14s %s\n' "$label" "$r" "$c" "$v"
+                failures=$((failures + 1))
+            else
+                printf '%-6s round %d  %-14s %s pairs/s\n' "$label" "$r" "$c" "$v"
+                results[$c]+="$v "
+            fi
+        done
+    done
+    declare -A med=()
+    for c in "${configs[@]}"; do
+        if [[ -n "${results[$c]:-}" ]]; then
+            med[$c]="$(tr ' ' '\n' <<<"${results[$c]}" | grep . | median)"
+        else
+            med[$c]=""
+        fi
+        printf '%-6s median   %-14s %s pairs/s  (runs: %s)\n' "$label" "$c" "${med[$c]:-n/a}" "${results[$c]:-none}"
+    done
+    for c in daemon-poll daemon-nopoll; do
+        if [[ -n "${med[$c]}" && -n "${med[builtin]}" ]]; then
+            printf '%-6s ratio    %-14s %s\n' "$label" "$c/builtin" \
+                "$(awk -v a="${med[$c]}" -v b="${med[builtin]}" 'BEGIN { printf "%.3f", a / b }')"
+        fi
+    done
+    unset results med
+done
+echo "bench-guest: load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+if ((failures)); then
+    echo "bench-guest: $failures run(s) failed; logs in $logdir"
+    exit 1
+fi
+rm -rf "$logdir"

@@ -11,11 +11,14 @@
 # daemon/builtin.  Exits non-zero if a run failed.
 #
 # Usage: bash ci/bench-guest.sh
-# Env:   VDI_BENCH_PAIRS    MAP+UNMAP pairs per run (default 20000)
-#        VDI_BENCH_WARMUP   pairs run first and discarded (default 2000)
+# Env:   VDI_BENCH_PAIRS    MAP+UNMAP pairs per run (default 100000)
+#        VDI_BENCH_WARMUP   pairs run first and discarded (default 5000)
 #        VDI_BENCH_ROUNDS   rounds of the three configurations (default 3)
 #        VDI_BENCH_KERNELS  kernel indexes (default: the newest, i.e. the last)
-#        VDI_BENCH_SMP      guest vCPUs (default 2, as ci/guest-tests.sh)
+#        VDI_BENCH_SMP      guest vCPUs (default 1: under TCG a second vCPU thread
+#                           plus the daemon oversubscribe a 2-CPU host)
+#        VDI_BENCH_POLL_US  --poll-us of daemon-poll (default 50, the daemon's default)
+#        VDI_QEMU_CPUS, VDI_DAEMON_CPUS  pin QEMU / the daemon (taskset -c lists)
 #        VDI_BENCH_TIMEOUT  hard timeout per boot in seconds (default 300)
 #        VDI_BENCH_LOGDIR   log directory (default: new dir under ${TMPDIR:-/tmp})
 #        plus the knobs of ci/provision.sh (VDI_ACCEL, VDI_CACHE, ...)
@@ -28,10 +31,11 @@ source "$ci_dir/provision.sh"
 # shellcheck source=daemon-lib.sh
 source "$ci_dir/daemon-lib.sh"
 
-pairs="${VDI_BENCH_PAIRS:-20000}"
-warmup="${VDI_BENCH_WARMUP:-2000}"
+pairs="${VDI_BENCH_PAIRS:-100000}"
+warmup="${VDI_BENCH_WARMUP:-5000}"
 rounds="${VDI_BENCH_ROUNDS:-3}"
-smp="${VDI_BENCH_SMP:-2}"
+smp="${VDI_BENCH_SMP:-1}"
+poll_us="${VDI_BENCH_POLL_US:-50}"
 timeout_s="${VDI_BENCH_TIMEOUT:-300}"
 kernels="${VDI_BENCH_KERNELS:-$((${#VDI_KERNEL_RELEASES[@]} - 1))}"
 logdir="${VDI_BENCH_LOGDIR:-$(mktemp -d "${TMPDIR:-/tmp}/vdi-bench.XXXXXX")}"
@@ -47,7 +51,8 @@ trap cleanup EXIT
 vdi_daemon_build
 VDI_RUST_LOG=info
 echo "bench-guest: QEMU $VDI_QEMU_VERSION ($VDI_ACCEL), $(nproc) host CPUs, guest -smp $smp," \
-    "$pairs pairs per run after $warmup warm-up pairs, $rounds rounds; logs in $logdir"
+    "$pairs pairs per run after $warmup warm-up pairs, $rounds rounds, daemon-poll = --poll-us $poll_us;" \
+    "logs in $logdir"
 echo "bench-guest: load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # run KERNEL_INDEX CONFIG ROUND: one boot; prints pairs/s or "FAIL ...".
@@ -66,7 +71,7 @@ run() {
     case "$config" in
         builtin) args+=(-device "virtio-iommu-pci,addr=03.0") ;;
         daemon-*)
-            local poll=50
+            local poll="$poll_us"
             [[ $config == daemon-nopoll ]] && poll=0
             vdi_viot "$dir/viot.bin" 00:03.0 00:04.0
             vdi_daemon_start "$dir/daemon.log" "$dir/vhost.sock" "" --endpoints 32 --poll-us "$poll" ||

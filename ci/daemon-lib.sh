@@ -30,6 +30,8 @@
 #                                    timed out)
 #   vdi_qemu_kill                    ends QEMU (the timeout wrapper) if running
 #   vdi_send_guest LINE              writes LINE to the guest's /dev/ttyS1
+# Knobs: VDI_DAEMON_CPUS / VDI_QEMU_CPUS: CPU lists (taskset -c) for the
+# daemon / QEMU (default: unpinned); VDI_RUST_LOG: the daemon's RUST_LOG.
 
 VDI_LIB_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VDI_DAEMON_PID=""
@@ -64,7 +66,9 @@ vdi_daemon_start() {
     local args=(--socket-path "$sock")
     [[ -n "$ctl" ]] && args+=(--control-socket "$ctl")
     rm -f "$sock" "$ctl"
-    RUST_LOG="${VDI_RUST_LOG:-debug}" "$VDI_DAEMON_BIN" "${args[@]}" "$@" >"$log" 2>&1 &
+    local pin=()
+    [[ -n "${VDI_DAEMON_CPUS:-}" ]] && pin=(taskset -c "$VDI_DAEMON_CPUS")
+    RUST_LOG="${VDI_RUST_LOG:-debug}" "${pin[@]}" "$VDI_DAEMON_BIN" "${args[@]}" "$@" >"$log" 2>&1 &
     VDI_DAEMON_PID=$!
     for ((k = 0; k < 200; k++)); do
         if [[ -S "$sock" && (-z "$ctl" || -S "$ctl") ]]; then
@@ -100,7 +104,9 @@ vdi_qemu_start() {
     # a write to the guest cannot hang the runner.
     exec {VDI_HOSTLINE_FD}<>"$dir/hostline.in"
     exec {VDI_HOSTLINE_OUT_FD}<>"$dir/hostline.out"
-    timeout --kill-after=5 "$t" "$VDI_QEMU" "$@" -serial "pipe:$dir/hostline" \
+    local pin=()
+    [[ -n "${VDI_QEMU_CPUS:-}" ]] && pin=(taskset -c "$VDI_QEMU_CPUS")
+    "${pin[@]}" timeout --kill-after=5 "$t" "$VDI_QEMU" "$@" -serial "pipe:$dir/hostline" \
         </dev/null >"$console" 2>&1 &
     VDI_QEMU_PID=$!
 }

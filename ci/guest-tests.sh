@@ -195,7 +195,10 @@ boot() {
     expected=(boot "${guest_checks[@]}" "${expected[@]}" daemon-health daemon-exit)
 
     echo "--- $name: $rel (timeout ${timeout_s}s)"
-    vdi_viot "$dir/viot.bin" 00:03.0 "$viot_eps"
+    if ! vdi_viot "$dir/viot.bin" 00:03.0 "$viot_eps" 2>"$dir/viot.err"; then
+        result FAIL "$name/viot" "vhost-device-iommu viot: $(cat "$dir/viot.err")"
+        return 0
+    fi
     local ctl_arg=""
     [[ $has_ctl == yes ]] && ctl_arg="$ctl_sock"
     if ! vdi_daemon_start "$daemon_log" "$sock" "$ctl_arg" "${daemon_args[@]}"; then

@@ -351,7 +351,7 @@ impl VhostUserBackend for IommuBackend {
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | self.model().config().device_features()
+            | self.model().device_features()
     }
 
     fn acked_features(&self, features: u64) {

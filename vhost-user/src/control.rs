@@ -556,12 +556,14 @@ fn report_fault(backend: &IommuBackend, f: &FaultInfo) -> (u32, String) {
 }
 
 /// Names of request types, for `stats`.
-const REQUEST_NAMES: [(u8, &str); 5] = [
+const REQUEST_NAMES: [(u8, &str); 7] = [
     (VIRTIO_IOMMU_T_ATTACH, "attach"),
     (VIRTIO_IOMMU_T_DETACH, "detach"),
     (VIRTIO_IOMMU_T_MAP, "map"),
     (VIRTIO_IOMMU_T_UNMAP, "unmap"),
     (VIRTIO_IOMMU_T_PROBE, "probe"),
+    (VIRTIO_IOMMU_T_PASID_ALLOC, "pasid_alloc"),
+    (VIRTIO_IOMMU_T_PASID_FREE, "pasid_free"),
 ];
 
 /// Answers an inspection query (the JSON documents `ctl --json` prints).

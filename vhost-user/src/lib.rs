@@ -9,3 +9,5 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod eventq;
+pub mod pasid_manager;
+pub mod pasid_store;

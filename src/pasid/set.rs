@@ -1002,7 +1002,10 @@ mod tests {
         a.get(s, r).unwrap();
         a.free(s, r).unwrap();
         let listed = a.pasids_of(s).unwrap();
-        let brief: Vec<_> = listed.iter().map(|(id, st)| (*id, st.active, st.refs)).collect();
+        let brief: Vec<_> = listed
+            .iter()
+            .map(|(id, st)| (*id, st.active, st.refs))
+            .collect();
         assert_eq!(brief, vec![(p, true, 1), (r, false, 1)]);
         assert_eq!(a.pasids_of(t).unwrap().len(), 1);
         assert_eq!(a.pasids_of(t).unwrap()[0].0, q);

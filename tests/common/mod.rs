@@ -48,11 +48,16 @@ impl Daemon {
         let socket = dir.path().join("viommu.sock");
         let log = dir.path().join("daemon.log");
         let control = dir.path().join("control.sock");
-        let child = Command::new(BIN)
-            .arg("--socket-path")
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--socket-path")
             .arg(&socket)
             .arg("--control-socket")
-            .arg(&control)
+            .arg(&control);
+        // Tests never touch the host's real PASID state.
+        if !args.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(dir.path().join("state"));
+        }
+        let child = cmd
             .args(args)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
@@ -448,6 +453,24 @@ impl Guest {
 
     pub fn unmap(&mut self, domain: u32, start: u64, end: u64) -> u8 {
         self.request(&UnmapReq::new(domain, start, end))
+    }
+
+    /// PASID_ALLOC of a PASID in `[min, max]`: status and PASID.
+    pub fn pasid_alloc(&mut self, min: u32, max: u32) -> (u8, u32) {
+        let req = PasidAllocReq::new(min, max);
+        let c = self
+            .submit(&[(req.readable(), PASID_ALLOC_WRITABLE)])
+            .remove(0);
+        let status = c
+            .status()
+            .expect("PASID_ALLOC completed with used length 0");
+        let pasid = u32::from_le_bytes(c.writable[..4].try_into().unwrap());
+        (status, pasid)
+    }
+
+    /// PASID_FREE: its status.
+    pub fn pasid_free(&mut self, pasid: u32) -> u8 {
+        self.request(&PasidFreeReq::new(pasid))
     }
 
     /// PROBE as Linux sends it: 72 readable bytes, `probe_size + 4`

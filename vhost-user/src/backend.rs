@@ -35,6 +35,7 @@ use crate::{
     chain::Request,
     control::Hub,
     eventq::{EventQueue, EventStats},
+    pasid_manager::PasidService,
 };
 
 pub const REQUEST_QUEUE: u16 = 0;
@@ -87,6 +88,7 @@ pub struct IommuBackend {
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     hub: Arc<Hub>,
     connected: AtomicBool,
+    pasids: RwLock<PasidService>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -110,7 +112,26 @@ impl IommuBackend {
             exit: Mutex::new(None),
             hub: Arc::new(Hub::new(options.client_timeout)),
             connected: AtomicBool::new(false),
+            pasids: RwLock::new(PasidService::Disabled),
         })
+    }
+
+    /// Sets what the daemon does with PASIDs; in global mode the device
+    /// then offers guest-visible PASID allocation.
+    pub fn install_pasids(&self, service: PasidService) {
+        if let PasidService::Global(shared) = &service {
+            self.model_mut()
+                .set_pasid_provider(Box::new(shared.clone()));
+        }
+        *self.pasids.write().unwrap_or_else(|e| e.into_inner()) = service;
+    }
+
+    /// What the daemon does with PASIDs.
+    pub fn pasids(&self) -> PasidService {
+        self.pasids
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The control-plane clients.

@@ -38,7 +38,7 @@ use viommu::{
     Viommu,
 };
 
-use crate::backend::IommuBackend;
+use crate::{backend::IommuBackend, pasid_manager::PasidService};
 
 /// Most clients connected at once.
 pub const MAX_CLIENTS: usize = 64;
@@ -667,7 +667,84 @@ pub fn query(backend: &IommuBackend, q: &Value) -> Value {
                 "clients_refused": hub.stats.refused.load(Ordering::Relaxed),
             })
         }
+        Some("pasids") => {
+            drop(model);
+            pasids_query(backend, q)
+        }
         Some(other) => json!({"error": format!("unknown query `{other}`")}),
         None => json!({"error": "query needs a `cmd`"}),
     }
+}
+
+/// Most PASIDs one `pasids` reply lists (then `next` says where to go on).
+pub const MAX_QUERY_PASIDS: usize = 10_000;
+
+/// The `pasids` query: this daemon's set with its PASIDs, and every set of
+/// the host from the state database (docs/control-protocol.md).
+fn pasids_query(backend: &IommuBackend, q: &Value) -> Value {
+    let shared = match backend.pasids() {
+        PasidService::Disabled => {
+            return json!({"mode": "disabled", "pasids": [], "sets": [], "next": null})
+        }
+        PasidService::Identity { bits } => {
+            return json!({"mode": "identity", "bits": bits, "pasids": [], "sets": [], "next": null})
+        }
+        PasidService::Global(shared) => shared,
+    };
+    let from = q
+        .get("from")
+        .and_then(Value::as_u64)
+        .map_or(0, |f| u32::try_from(f).unwrap_or(u32::MAX));
+    let limit = q
+        .get("limit")
+        .and_then(Value::as_u64)
+        .map_or(MAX_QUERY_PASIDS, |l| {
+            usize::try_from(l).map_or(MAX_QUERY_PASIDS, |l| l.min(MAX_QUERY_PASIDS))
+        });
+    let m = shared.lock();
+    let opts = m.options().clone();
+    let (quota, charged, leased) = m.usage();
+    let mut it = m.pasids().into_iter().filter(|p| p.host >= from);
+    let page: Vec<Value> = it
+        .by_ref()
+        .take(limit)
+        .map(|p| {
+            json!({
+                "host": p.host,
+                "guest": p.guest,
+                "state": if p.active { "active" } else { "inactive" },
+                "refs": p.refs,
+            })
+        })
+        .collect();
+    let next = it.next().map(|p| p.host);
+    // Host-wide sets only with the first page.
+    let sets = if from == 0 {
+        match m.host_sets() {
+            Ok(sets) => Value::Array(
+                sets.iter()
+                    .map(|s| {
+                        let mut v = crate::pasid_admin::set_json(s);
+                        v["this_daemon"] = json!(s.record.vm_id == opts.vm_id);
+                        v
+                    })
+                    .collect(),
+            ),
+            Err(e) => return json!({"error": format!("state database: {e}")}),
+        }
+    } else {
+        json!([])
+    };
+    json!({
+        "mode": "global",
+        "bits": opts.bits,
+        "vm_id": opts.vm_id,
+        "state_dir": opts.state_dir,
+        "quota": quota,
+        "charged": charged,
+        "leased": leased,
+        "pasids": page,
+        "next": next,
+        "sets": sets,
+    })
 }

@@ -9,5 +9,6 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod eventq;
+pub mod pasid_admin;
 pub mod pasid_manager;
 pub mod pasid_store;

@@ -383,6 +383,19 @@ pub fn reclaim_dead(dir: &Path) -> Result<(Vec<Reclaimed>, Vec<String>), StoreEr
     Ok((reclaimed, live))
 }
 
+/// What the daemon does with PASIDs (for `ctl pasids`).
+#[derive(Debug, Clone, Default)]
+pub enum PasidService {
+    /// `--pasid-quota 0`: no PASIDs.
+    #[default]
+    Disabled,
+    /// `--pasid-mode identity`: guest PASIDs are host PASIDs, checked
+    /// against the device's width; nothing is allocated.
+    Identity { bits: u8 },
+    /// `--pasid-mode global`: this VM's set in the host-wide allocator.
+    Global(SharedPasids),
+}
+
 /// The manager as the device model's PASID provider; the daemon keeps
 /// another handle for inspection.
 #[derive(Debug, Clone)]

@@ -2,10 +2,38 @@
 //! Errors of the durable PASID store, worded for whoever starts the
 //! daemon: which file, what is wrong with it, what to do.
 
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 use rusqlite::ErrorCode;
 use thiserror::Error;
+
+/// `SQLITE_IOERR_SHMSIZE`: the `-shm` file could not be grown.
+const SQLITE_IOERR_SHMSIZE: i32 = 10 | (19 << 8);
+
+fn extended_code(e: &rusqlite::Error) -> Option<i32> {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => Some(f.extended_code),
+        _ => None,
+    }
+}
+
+/// Whether the filesystem of `path` has (almost) no space left, or the
+/// process's file size limit does not let `path` grow.
+fn space_exhausted(path: &Path) -> bool {
+    const SLACK: u64 = 1 << 20;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let no_space = nix::sys::statvfs::statvfs(dir)
+        .is_ok_and(|s| s.blocks_available().saturating_mul(s.fragment_size()) < SLACK);
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    let limited = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE)
+        .is_ok_and(|(soft, _)| {
+            soft != nix::sys::resource::RLIM_INFINITY && size.saturating_add(SLACK) > soft
+        });
+    no_space || limited
+}
 
 /// Why the state directory or database cannot be used.
 #[derive(Debug, Error)]
@@ -68,7 +96,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// Classifies an SQLite failure on the database at `path`.
-    pub(crate) fn sqlite(path: &std::path::Path, e: rusqlite::Error) -> Self {
+    pub(crate) fn sqlite(path: &Path, e: rusqlite::Error) -> Self {
         let path = path.to_owned();
         match e.sqlite_error_code() {
             Some(ErrorCode::NotADatabase) => StoreError::NotADatabase { path },
@@ -80,6 +108,14 @@ impl StoreError {
             Some(ErrorCode::ReadOnly) => StoreError::ReadOnly { path },
             Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
                 StoreError::CannotOpen { path, source: e }
+            }
+            // An extended I/O error on the shared-memory file, or any
+            // I/O error once the space or the file size limit is used
+            // up, is a full disk to whoever reads the message.
+            Some(ErrorCode::SystemIoFailure)
+                if extended_code(&e) == Some(SQLITE_IOERR_SHMSIZE) || space_exhausted(&path) =>
+            {
+                StoreError::Full { path }
             }
             _ => StoreError::Sqlite { path, source: e },
         }

@@ -186,7 +186,16 @@ impl Store {
         let mut conn = Connection::open_with_flags(&path, flags).map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         // The first read of the header: fails on files that are not SQLite.
-        let (app_id, version) = header(&conn).map_err(err)?;
+        // One read transaction, so that both fields come from the same
+        // commit even while another daemon creates the schema.
+        let (app_id, version) = conn
+            .transaction()
+            .and_then(|tx| {
+                let h = header(&tx)?;
+                tx.commit()?;
+                Ok(h)
+            })
+            .map_err(err)?;
         match (app_id, version) {
             (0, 0) | (APPLICATION_ID, SCHEMA_VERSION) => {}
             (APPLICATION_ID, found) => {

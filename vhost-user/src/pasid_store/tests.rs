@@ -43,6 +43,28 @@ fn new_database_gets_our_application_id_and_schema_version() {
 }
 
 #[test]
+fn daemons_creating_the_database_at_once_all_open_it() {
+    // The race is narrow: a few rounds on fresh directories.
+    for _ in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let (path, start) = (dir.path().to_owned(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    Store::open(&path).map(|_| ())
+                })
+            })
+            .collect();
+        for o in opens {
+            let r = o.join().unwrap();
+            assert!(r.is_ok(), "{r:?}");
+        }
+    }
+}
+
+#[test]
 fn two_store_handles_never_lease_the_same_host_pasid() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();

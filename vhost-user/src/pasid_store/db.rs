@@ -177,7 +177,29 @@ impl Store {
         Self::open_file(path, false)
     }
 
+    /// Opens and checks the database. While another daemon creates it or
+    /// switches it to WAL, SQLite may report it busy without waiting
+    /// (lock upgrades it cannot queue): such opens are retried.
     fn open_file(path: PathBuf, create: bool) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match Self::try_open_file(path.clone(), create) {
+                Err(StoreError::Sqlite { source, .. })
+                    if matches!(
+                        source.sqlite_error_code(),
+                        Some(
+                            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                        )
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_open_file(path: PathBuf, create: bool) -> Result<Store, StoreError> {
         let err = |e| StoreError::sqlite(&path, e);
         let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         if create {

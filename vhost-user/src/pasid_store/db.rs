@@ -235,6 +235,11 @@ impl Store {
                 })
             }
         }
+        if app_id == 0 {
+            // Small pages: a journal transaction writes two or three of
+            // them to the WAL. Only takes effect on an empty file.
+            conn.pragma_update(None, "page_size", 1024).map_err(err)?;
+        }
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
             .map_err(err)?;

@@ -243,8 +243,14 @@ fn corrupt_database_is_a_clear_error() {
     // The last handle checkpointed the WAL: damage a table page.
     let path = dir.path().join(DB_FILE);
     let mut bytes = fs::read(&path).unwrap();
-    assert!(bytes.len() > 3 * 4096);
-    bytes[2 * 4096..3 * 4096].fill(0x5a);
+    let page: i64 = raw(dir.path())
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .unwrap();
+    let page = page as usize;
+    assert!(bytes.len() >= 4 * page);
+    // Every page but the header page.
+    let len = bytes.len();
+    bytes[page..len].fill(0x5a);
     fs::write(&path, bytes).unwrap();
     let e = Store::open(dir.path()).unwrap_err();
     assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");

@@ -113,6 +113,11 @@ impl IommuBackend {
         })
     }
 
+    /// How long to spin for more work before sleeping (`--poll-us`).
+    pub fn poll_interval(&self) -> Duration {
+        self.options.poll
+    }
+
     /// The control-plane clients.
     pub fn hub(&self) -> &Hub {
         &self.hub
@@ -272,7 +277,7 @@ impl IommuBackend {
         let waiting = self.hub.stage(&changes);
         drop(model);
         if !waiting.is_empty() {
-            self.hub.flush_and_wait(&waiting);
+            self.hub.flush_and_wait(&waiting, self.options.poll);
         }
     }
 

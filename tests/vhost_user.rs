@@ -441,3 +441,37 @@ fn invalid_command_lines_fail_with_a_clear_message() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn socket_activation_serves_a_listener_passed_by_file_descriptor() {
+    use std::os::fd::AsRawFd;
+
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+
+    // A service manager binds the socket and hands it over as an fd.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    fcntl(&listener, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+    let fd = listener.as_raw_fd().to_string();
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["--socket-fd", &fd])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(listener);
+    let mut g = Guest::connect(&path, GuestOptions::default());
+    assert_eq!(g.attach(1, 8), VIRTIO_IOMMU_S_OK);
+    drop(g);
+    // The socket belongs to the service manager: the daemon leaves it.
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-s", "TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        path.exists(),
+        "the daemon removed a socket it did not create"
+    );
+}

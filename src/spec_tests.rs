@@ -905,3 +905,67 @@ mod pasid_requests {
         );
     }
 }
+
+// ---- Hostile guests ----
+
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn request() -> impl Strategy<Value = (Vec<u8>, usize)> {
+        (
+            0u8..13,
+            prop::collection::vec(any::<u8>(), 0..96),
+            0usize..700,
+        )
+            .prop_map(|(t, mut body, writable)| {
+                // Small domain and endpoint numbers so requests collide.
+                if body.len() >= 8 {
+                    body[0] &= 3;
+                    body[1..4].fill(0);
+                    body[4] &= 7;
+                    body[5..8].fill(0);
+                }
+                let mut req = vec![t, 0, 0, 0];
+                req.extend(body);
+                (req, writable)
+            })
+    }
+
+    proptest! {
+        /// Whatever the guest sends, the device answers without panicking,
+        /// writes a status only when the writable part holds it, and keeps
+        /// its invariants: every attached endpoint's domain exists and
+        /// lists it, no domain is empty, mappings never overlap.
+        #[test]
+        fn arbitrary_requests_never_break_the_device(reqs in prop::collection::vec(request(), 1..200)) {
+            let mut dev = Viommu::new(DeviceConfig {
+                max_domains: 4,
+                max_mappings_per_domain: 16,
+                ..Default::default()
+            });
+            dev.set_acked_features(ALL_FEATURES);
+            for (req, writable) in &reqs {
+                let resp = dev.handle_request(req, *writable);
+                let mut buf = vec![0u8; *writable];
+                let used = resp.write_into(&mut buf);
+                prop_assert!(used == 0 || used as usize == *writable);
+                prop_assert!(used == 0 || *writable >= 4);
+            }
+            for (ep, d) in dev.attached_endpoints() {
+                let domain = dev.domains().get(&d);
+                prop_assert!(domain.is_some_and(|dom| dom.endpoints.contains(&ep)));
+            }
+            prop_assert!(dev.domains().len() <= 4);
+            for d in dev.domains().values() {
+                prop_assert!(!d.endpoints.is_empty());
+                prop_assert!(d.mappings.len() <= 16);
+                let m: Vec<_> = d.mappings.iter().collect();
+                for w in m.windows(2) {
+                    prop_assert!(w[0].virt_end < w[1].virt_start);
+                }
+            }
+        }
+    }
+}

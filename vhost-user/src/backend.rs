@@ -134,6 +134,11 @@ impl IommuBackend {
             .clone()
     }
 
+    /// How long to spin for more work before sleeping (`--poll-us`).
+    pub fn poll_interval(&self) -> Duration {
+        self.options.poll
+    }
+
     /// The control-plane clients.
     pub fn hub(&self) -> &Hub {
         &self.hub
@@ -293,7 +298,7 @@ impl IommuBackend {
         let waiting = self.hub.stage(&changes);
         drop(model);
         if !waiting.is_empty() {
-            self.hub.flush_and_wait(&waiting);
+            self.hub.flush_and_wait(&waiting, self.options.poll);
         }
     }
 

@@ -13,7 +13,7 @@
 
 use std::{
     collections::HashSet,
-    io::{self, Read, Write},
+    io::{self, Write},
     os::unix::{
         fs::PermissionsExt,
         net::{UnixListener, UnixStream},
@@ -37,6 +37,8 @@ use viommu::{
     control::*, device::StateChange, error::status_name, wire::*, Access, Fault, TranslateError,
     Viommu,
 };
+
+use viommu_client::frame::FrameReader;
 
 use crate::{backend::IommuBackend, pasid_manager::PasidService};
 
@@ -178,9 +180,15 @@ impl Hub {
 
     /// Sends what `stage` queued and waits, up to the client timeout, for
     /// the acknowledgements; clients that miss it are disconnected.
-    pub fn flush_and_wait(&self, clients: &[Arc<ClientConn>]) {
+    pub fn flush_and_wait(&self, clients: &[Arc<ClientConn>], spin: Duration) {
         for c in clients {
             c.flush();
+        }
+        // Acks of an active client come back within microseconds: spin
+        // (bounded like the request queue's polling) before sleeping.
+        let spin_until = Instant::now() + spin;
+        while clients.iter().any(|c| c.waits_for_acks()) && Instant::now() < spin_until {
+            std::hint::spin_loop();
         }
         let deadline = Instant::now() + self.timeout;
         let mut guard = lock(&self.acked);
@@ -277,50 +285,18 @@ fn accept_loop(backend: Arc<IommuBackend>, listener: UnixListener) {
     }
 }
 
-/// Reads frames until the client hangs up or breaks the protocol.
-struct FrameReader {
-    stream: UnixStream,
-    buf: FrameBuffer,
-}
-
-impl FrameReader {
-    fn next(&mut self) -> io::Result<Option<Message>> {
-        loop {
-            match self.buf.next_frame() {
-                Ok(Some(body)) => {
-                    return Message::decode(body)
-                        .map(Some)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-                }
-                Ok(None) => {}
-                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-            }
-            let spare = self.buf.spare(64 * 1024);
-            let n_spare = spare.len();
-            let n = self.stream.read(spare)?;
-            self.buf.filled(n, n_spare);
-            if n == 0 {
-                return Ok(None);
-            }
-        }
-    }
-}
-
 fn serve_client(backend: Arc<IommuBackend>, stream: UnixStream) {
     let hub = backend.hub();
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = FrameReader {
-        stream: read_half,
-        buf: FrameBuffer::new(),
-    };
+    let mut reader = FrameReader::new(read_half);
     let _ = reader.stream.set_read_timeout(Some(HELLO_TIMEOUT));
     let bye = |text: String| {
         debug!("control client: {text}");
         let _ = (&stream).write_all(&Message::Bye { message: text }.encode());
     };
-    let flags = match reader.next() {
+    let flags = match reader.next(Duration::ZERO) {
         Ok(Some(Message::Hello { version, flags })) if version == PROTOCOL_VERSION => flags,
         Ok(Some(Message::Hello { version, .. })) => {
             return bye(format!(
@@ -346,7 +322,9 @@ fn serve_client(backend: Arc<IommuBackend>, stream: UnixStream) {
     conn.flush();
     debug!("control client {} connected (flags {flags:#x})", conn.id);
     loop {
-        let msg = match reader.next() {
+        // Spin briefly for the client's next message, as the request
+        // queue does for the guest's (see `--poll-us`).
+        let msg = match reader.next(backend.poll_interval()) {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {

@@ -11,6 +11,7 @@ use std::{
 };
 
 use common::{Daemon, Guest, GuestOptions, BIN};
+use vhost::vhost_user::VhostUserFrontend;
 use viommu::wire::*;
 
 fn state_args(state: &Path, vm: &'static str) -> Vec<String> {
@@ -119,6 +120,19 @@ fn guest_allocates_and_frees_pasids_through_the_request_queue() {
     );
     let stats = d.ctl(&["stats"]);
     assert_eq!(stats["requests"]["pasid_alloc"], 7);
+}
+
+#[test]
+fn device_reset_frees_the_guests_pasids() {
+    let d = Daemon::start(&[]);
+    let mut g = Guest::connect(&d.socket, GuestOptions::default());
+    assert_eq!(g.pasid_alloc(1, 100), (VIRTIO_IOMMU_S_OK, 1));
+    assert_eq!(g.pasid_alloc(1, 100), (VIRTIO_IOMMU_S_OK, 2));
+    g.fe.reset_device().unwrap();
+    drop(g);
+    assert_eq!(d.ctl(&["pasids"])["pasids"], serde_json::json!([]));
+    let mut g = Guest::connect(&d.socket, GuestOptions::default());
+    assert_eq!(g.pasid_alloc(1, 100), (VIRTIO_IOMMU_S_OK, 1));
 }
 
 #[test]

@@ -126,6 +126,18 @@ impl IommuBackend {
         *self.pasids.write().unwrap_or_else(|e| e.into_inner()) = service;
     }
 
+    /// A reset guest driver has forgotten the PASIDs it allocated: free
+    /// them (each stays reserved until its last reference is dropped).
+    fn reset_pasids(&self) {
+        if let PasidService::Global(shared) = self.pasids() {
+            match shared.lock().free_all() {
+                Ok(0) => {}
+                Ok(n) => info!("device reset: freed the guest's {n} PASIDs"),
+                Err(e) => warn!("device reset: freeing the guest's PASIDs: {e}"),
+            }
+        }
+    }
+
     /// What the daemon does with PASIDs.
     pub fn pasids(&self) -> PasidService {
         self.pasids
@@ -315,6 +327,7 @@ impl IommuBackend {
         let restart_at = vring.get_ref().get_queue().next_avail();
         if stopped_at != 0 && restart_at == 0 {
             info!("request queue restarted at 0 (stopped at {stopped_at}): driver reset, clearing IOMMU state");
+            self.reset_pasids();
             let mut model = self.model_mut();
             model.reset();
             self.publish(model);
@@ -393,6 +406,7 @@ impl VhostUserBackend for IommuBackend {
 
     fn reset_device(&self) {
         info!("device reset: clearing IOMMU state");
+        self.reset_pasids();
         let mut model = self.model_mut();
         model.reset();
         self.publish(model);

@@ -270,6 +270,23 @@ impl PasidManager {
         self.translator.unmap(&mut self.alloc, self.set, guest)
     }
 
+    /// Frees every active PASID of the set, as the owner: the guest driver
+    /// was reset and forgot them. Returns how many.
+    pub fn free_all(&mut self) -> Result<u32, PasidError> {
+        let guests: Vec<Pasid> = self
+            .pasids()
+            .iter()
+            .filter(|p| p.active)
+            .filter_map(|p| p.guest)
+            .collect();
+        let mut freed = 0;
+        for guest in guests {
+            self.free(guest)?;
+            freed += 1;
+        }
+        Ok(freed)
+    }
+
     /// Takes a reference to active host PASID `host` of the set.
     pub fn get(&mut self, host: Pasid) -> Result<(), PasidError> {
         self.alloc.get(self.set, host)

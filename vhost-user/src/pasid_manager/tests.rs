@@ -207,3 +207,20 @@ fn reclaim_frees_dead_vms_and_leaves_running_ones() {
     let d = open(dir.path(), "dead", 20, 10);
     assert!(d.pasids().is_empty());
 }
+
+#[test]
+fn free_all_frees_every_active_pasid_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut m = open(dir.path(), "vm", 20, 10);
+        let a = m.alloc(1, 100).unwrap();
+        let b = m.alloc(1, 100).unwrap();
+        m.get(b).unwrap();
+        assert_eq!(m.free_all(), Ok(2));
+        let left: Vec<_> = m.pasids().iter().map(|p| (p.host, p.active)).collect();
+        assert_eq!(left, vec![(b, false)], "referenced one waits for its put");
+        assert_eq!(m.alloc(1, 100), Ok(a));
+        assert_eq!(m.free_all(), Ok(1));
+    }
+    assert!(open(dir.path(), "vm", 20, 10).pasids().is_empty());
+}

@@ -941,3 +941,36 @@ mod tests {
         assert_eq!(EventKind::Reset.invalidates(), Some(Scope::All));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// A peer can send anything: decoding fails cleanly or yields a
+        /// message that encodes back to a decodable frame.
+        #[test]
+        fn arbitrary_frames_never_panic_the_decoder(body in prop::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(m) = Message::decode(&body) {
+                let again = m.encode();
+                prop_assert!(Message::decode(&again[4..]).is_ok());
+            }
+        }
+
+        #[test]
+        fn arbitrary_streams_never_panic_the_frame_buffer(stream in prop::collection::vec(any::<u8>(), 0..400), chunk in 1usize..64) {
+            let mut fb = FrameBuffer::new();
+            for piece in stream.chunks(chunk) {
+                let spare = fb.spare(piece.len());
+                let n = spare.len();
+                spare[..piece.len()].copy_from_slice(piece);
+                fb.filled(piece.len(), n);
+                while let Ok(Some(f)) = fb.next_frame() {
+                    let _ = Message::decode(f);
+                }
+            }
+        }
+    }
+}

@@ -8,14 +8,16 @@
 //! It never panics on guest input: malformed requests are dropped (used
 //! length 0) and refused ones carry a status code.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Mutex};
 
+use log::debug;
 use vm_memory::ByteValued;
 
 use crate::{
     config::DeviceConfig,
     error::{status_of, RequestError},
     mapping::{Mapping, MappingTree},
+    pasid::PasidProvider,
     wire::*,
 };
 
@@ -161,8 +163,13 @@ pub struct Viommu {
     /// Attached endpoints and their domain.
     endpoints: HashMap<u32, u32>,
     domains: HashMap<u32, Domain>,
-    /// Scratch buffer for PROBE replies, reused across requests.
-    probe_buf: Vec<u8>,
+    /// Payload of the last reply (PROBE properties, the PASID of a
+    /// PASID_ALLOC), reused across requests.
+    reply_buf: Vec<u8>,
+    /// Guest-visible PASID allocation, when the daemon provides it. The
+    /// mutex only makes the model `Sync`; requests reach it through
+    /// `&mut self` and never lock.
+    pasid: Option<Mutex<Box<dyn PasidProvider>>>,
     stats: RequestStats,
     /// Changes since the last `take_changes`, when recording is on.
     changes: Option<Vec<StateChange>>,
@@ -179,7 +186,8 @@ impl Viommu {
             acked: 0,
             endpoints: HashMap::new(),
             domains: HashMap::new(),
-            probe_buf: Vec::new(),
+            reply_buf: Vec::new(),
+            pasid: None,
             stats: RequestStats::default(),
             changes: None,
         }
@@ -194,9 +202,25 @@ impl Viommu {
         self.config.config_space(self.bypass)
     }
 
+    /// Installs guest-visible PASID allocation: the device then offers
+    /// `VIRTIO_IOMMU_F_PASID_ALLOC`.
+    pub fn set_pasid_provider(&mut self, provider: Box<dyn PasidProvider>) {
+        self.pasid = Some(Mutex::new(provider));
+    }
+
+    /// Device-specific feature bits offered to the driver.
+    pub fn device_features(&self) -> u64 {
+        let pasid = if self.pasid.is_some() {
+            1 << VIRTIO_IOMMU_F_PASID_ALLOC
+        } else {
+            0
+        };
+        self.config.device_features() | pasid
+    }
+
     /// Records the device feature bits the driver accepted.
     pub fn set_acked_features(&mut self, features: u64) {
-        self.acked = features & self.config.device_features();
+        self.acked = features & self.device_features();
     }
 
     /// Device feature bits the driver accepted.
@@ -209,7 +233,7 @@ impl Viommu {
     }
 
     fn offered(&self, bit: u32) -> bool {
-        self.config.device_features() & (1 << bit) != 0
+        self.device_features() & (1 << bit) != 0
     }
 
     /// The `bypass` config field.
@@ -303,18 +327,20 @@ impl Viommu {
                 self.stats.by_status[usize::from(status_of(*result)) & 15] += 1;
             }
         }
-        // Re-borrow the payload from the scratch buffer now that stats are
-        // updated; only PROBE replies carry one.
+        // Re-borrow the payload from the reply buffer now that stats are
+        // updated; PROBE and PASID_ALLOC replies carry one.
         match response {
             Response::Reply {
-                req_type: VIRTIO_IOMMU_T_PROBE,
+                req_type,
                 result: Ok(()),
                 ..
-            } => Response::Reply {
-                req_type: VIRTIO_IOMMU_T_PROBE,
-                result: Ok(()),
-                payload: &self.probe_buf,
-            },
+            } if matches!(req_type, VIRTIO_IOMMU_T_PROBE | VIRTIO_IOMMU_T_PASID_ALLOC) => {
+                Response::Reply {
+                    req_type,
+                    result: Ok(()),
+                    payload: &self.reply_buf,
+                }
+            }
             Response::Reply {
                 req_type, result, ..
             } => Response::Reply {
@@ -366,6 +392,24 @@ impl Viommu {
                 let mut req = ProbeReq::default();
                 req.as_mut_slice().copy_from_slice(bytes);
                 self.probe(&req, writable - REQ_TAIL_SIZE)
+            }
+            VIRTIO_IOMMU_T_PASID_ALLOC if self.offered(VIRTIO_IOMMU_F_PASID_ALLOC) => {
+                let Some(bytes) = request.get(..PASID_ALLOC_READABLE) else {
+                    return Response::Drop(DropReason::Truncated {
+                        req_type,
+                        got: request.len(),
+                        need: PASID_ALLOC_READABLE,
+                    });
+                };
+                let mut req = PasidAllocReq::default();
+                req.as_mut_slice()[..PASID_ALLOC_READABLE].copy_from_slice(bytes);
+                self.pasid_alloc(&req, writable)
+            }
+            VIRTIO_IOMMU_T_PASID_FREE if self.offered(VIRTIO_IOMMU_F_PASID_ALLOC) => {
+                match read_request::<PasidFreeReq>(request, req_type) {
+                    Ok(req) => self.pasid_free(&req),
+                    Err(drop) => return Response::Drop(drop),
+                }
             }
             other => return Response::Drop(DropReason::UnknownType(other)),
         };
@@ -570,8 +614,8 @@ impl Viommu {
                 need: size,
             });
         }
-        self.probe_buf.clear();
-        self.probe_buf.resize(size, 0);
+        self.reply_buf.clear();
+        self.reply_buf.resize(size, 0);
         let mut at = 0;
         for r in &self.config.reserved_regions {
             let prop = ProbeResvMem {
@@ -586,12 +630,59 @@ impl Viommu {
             };
             let bytes = prop.as_slice();
             // `DeviceConfig::validate` guarantees the properties fit.
-            if let Some(dst) = self.probe_buf.get_mut(at..at + bytes.len()) {
+            if let Some(dst) = self.reply_buf.get_mut(at..at + bytes.len()) {
                 dst.copy_from_slice(bytes);
             }
             at += bytes.len();
         }
         Ok(())
+    }
+}
+
+impl Viommu {
+    fn pasid_provider(&mut self) -> Result<&mut Box<dyn PasidProvider>, RequestError> {
+        let m = self.pasid.as_mut().ok_or(RequestError::PasidBackend)?;
+        Ok(m.get_mut().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn pasid_alloc(&mut self, req: &PasidAllocReq, writable: usize) -> Result<(), RequestError> {
+        if req.flags.to_native() != 0 {
+            return Err(RequestError::UnknownFlags(req.flags.to_native()));
+        }
+        if req.reserved != [0; 4] {
+            return Err(RequestError::ReservedNotZero);
+        }
+        if writable < PASID_ALLOC_WRITABLE {
+            return Err(RequestError::WritableTooSmall {
+                got: writable,
+                need: PASID_ALLOC_WRITABLE,
+            });
+        }
+        let provider = self.pasid_provider()?;
+        let (min, max) = (req.min.to_native(), req.max.to_native());
+        let pasid = provider.alloc(min, max).map_err(|e| {
+            debug!("PASID_ALLOC [{min}, {max}]: {e}");
+            RequestError::from(&e)
+        })?;
+        self.reply_buf.clear();
+        self.reply_buf.extend_from_slice(&pasid.to_le_bytes());
+        self.reply_buf.extend_from_slice(&[0; 4]);
+        Ok(())
+    }
+
+    fn pasid_free(&mut self, req: &PasidFreeReq) -> Result<(), RequestError> {
+        if req.flags.to_native() != 0 {
+            return Err(RequestError::UnknownFlags(req.flags.to_native()));
+        }
+        if req.reserved != [0; 8] {
+            return Err(RequestError::ReservedNotZero);
+        }
+        let provider = self.pasid_provider()?;
+        let pasid = req.pasid.to_native();
+        provider.free(pasid).map_err(|e| {
+            debug!("PASID_FREE {pasid}: {e}");
+            RequestError::from(&e)
+        })
     }
 }
 

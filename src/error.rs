@@ -4,7 +4,7 @@
 
 use thiserror::Error;
 
-use crate::wire::*;
+use crate::{pasid::PasidError, wire::*};
 
 /// A request the device understood but refused.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
@@ -45,6 +45,36 @@ pub enum RequestError {
     TooManyMappings { domain: u32, limit: usize },
     #[error("PROBE properties area of {got} bytes is smaller than probe_size {need}")]
     ProbeBufferTooSmall { got: usize, need: usize },
+    #[error("device-writable part of {got} bytes is too small, needs {need}")]
+    WritableTooSmall { got: usize, need: usize },
+    #[error("PASID allocation failed: no PASID left in the range or the quota")]
+    PasidNoSpace,
+    #[error("PASID or PASID range out of range")]
+    PasidRange,
+    #[error("PASID is not allocated to this VM")]
+    PasidUnknown,
+    #[error("PASID is in a state that does not allow this")]
+    PasidState,
+    #[error("host PASID allocator failure")]
+    PasidBackend,
+}
+
+impl From<&PasidError> for RequestError {
+    /// PASID allocator failures as the guest sees them (docs/extension-spec.md).
+    fn from(e: &PasidError) -> Self {
+        use PasidError::*;
+        match e {
+            QuotaExceeded { .. } | Disabled | Exhausted { .. } => RequestError::PasidNoSpace,
+            OutOfRange { .. } | InvalidRange { .. } => RequestError::PasidRange,
+            // Another VM's PASID is reported like an unallocated one: a
+            // guest learns nothing about other sets.
+            UnknownPasid(_) | ForeignPasid(_) | NotMapped(_) | UnknownSet => {
+                RequestError::PasidUnknown
+            }
+            Inactive(_) | NoReference(_) | RefcountOverflow(_) => RequestError::PasidState,
+            InvalidConfig(_) | TooManySets | Source(_) => RequestError::PasidBackend,
+        }
+    }
 }
 
 impl RequestError {
@@ -60,7 +90,13 @@ impl RequestError {
             | InvertedRange { .. }
             | ReservedRegion { .. }
             | Overlap { .. }
-            | ProbeBufferTooSmall { .. } => VIRTIO_IOMMU_S_INVAL,
+            | ProbeBufferTooSmall { .. }
+            | WritableTooSmall { .. }
+            | PasidState => VIRTIO_IOMMU_S_INVAL,
+            PasidUnknown => VIRTIO_IOMMU_S_NOENT,
+            PasidRange => VIRTIO_IOMMU_S_RANGE,
+            PasidNoSpace => VIRTIO_IOMMU_S_NOMEM,
+            PasidBackend => VIRTIO_IOMMU_S_DEVERR,
             NoSuchEndpoint(_) | NoSuchDomain(_) => VIRTIO_IOMMU_S_NOENT,
             DomainOutOfRange(_)
             | Misaligned(_)

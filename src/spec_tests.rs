@@ -762,3 +762,210 @@ fn range_translation_spans_adjacent_mappings_and_stops_at_a_hole() {
         .unwrap_err();
     assert!(matches!(err, TranslateError::Fault(f) if f.address == 0x4000));
 }
+
+// ---- PASID_ALLOC / PASID_FREE (project extension, docs/extension-spec.md) ----
+
+mod pasid_requests {
+    use super::*;
+    use crate::pasid::{
+        AllocatorConfig, MemorySource, Pasid, PasidAllocator, PasidProvider, Result, SetId,
+    };
+
+    /// The real in-memory allocator behind the provider trait.
+    struct Local(PasidAllocator, SetId);
+
+    impl PasidProvider for Local {
+        fn alloc(&mut self, min: Pasid, max: Pasid) -> Result<Pasid> {
+            self.0.alloc(self.1, min..=max)
+        }
+        fn free(&mut self, pasid: Pasid) -> Result<()> {
+            self.0.free(self.1, pasid)
+        }
+    }
+
+    fn device_with_pasids(quota: u32) -> Viommu {
+        let source = MemorySource::new(20, 64).unwrap();
+        let mut alloc = PasidAllocator::new(
+            AllocatorConfig {
+                bits: 20,
+                lease_block: 64,
+            },
+            Box::new(source),
+        )
+        .unwrap();
+        let set = alloc.create_set(quota).unwrap();
+        let mut dev = device();
+        dev.set_pasid_provider(Box::new(Local(alloc, set)));
+        dev.set_acked_features(ALL_FEATURES);
+        dev
+    }
+
+    fn alloc(dev: &mut Viommu, min: u32, max: u32) -> (u8, u32) {
+        let req = PasidAllocReq::new(min, max);
+        let resp = dev.handle_request(req.readable(), PASID_ALLOC_WRITABLE);
+        let mut out = [0u8; PASID_ALLOC_WRITABLE];
+        resp.write_into(&mut out);
+        (out[8], u32::from_le_bytes(out[..4].try_into().unwrap()))
+    }
+
+    fn free(dev: &mut Viommu, pasid: u32) -> u8 {
+        send(dev, &PasidFreeReq::new(pasid))
+    }
+
+    #[test]
+    fn pasid_alloc_is_offered_only_with_a_provider() {
+        let plain = device();
+        assert_eq!(
+            plain.device_features() & (1 << VIRTIO_IOMMU_F_PASID_ALLOC),
+            0
+        );
+        let mut plain = plain;
+        let req = PasidAllocReq::new(1, 100);
+        assert_eq!(
+            plain.handle_request(req.readable(), 12),
+            Response::Drop(DropReason::UnknownType(VIRTIO_IOMMU_T_PASID_ALLOC))
+        );
+        let dev = device_with_pasids(10);
+        assert_ne!(dev.device_features() & (1 << VIRTIO_IOMMU_F_PASID_ALLOC), 0);
+    }
+
+    #[test]
+    fn pasid_alloc_returns_a_pasid_inside_the_requested_range() {
+        let mut dev = device_with_pasids(10);
+        let (status, p) = alloc(&mut dev, 100, 200);
+        assert_eq!(status, VIRTIO_IOMMU_S_OK);
+        assert!((100..=200).contains(&p), "{p}");
+        let (_, q) = alloc(&mut dev, 100, 200);
+        assert_ne!(p, q);
+    }
+
+    #[test]
+    fn pasid_zero_is_never_allocated() {
+        let mut dev = device_with_pasids(10);
+        assert_eq!(alloc(&mut dev, 0, 0).0, VIRTIO_IOMMU_S_RANGE);
+        let (status, p) = alloc(&mut dev, 0, 5);
+        assert_eq!(
+            status, VIRTIO_IOMMU_S_RANGE,
+            "range with 0 accepted, got {p}"
+        );
+    }
+
+    #[test]
+    fn pasid_alloc_beyond_the_quota_is_nomem() {
+        let mut dev = device_with_pasids(2);
+        assert_eq!(alloc(&mut dev, 1, 1000).0, VIRTIO_IOMMU_S_OK);
+        assert_eq!(alloc(&mut dev, 1, 1000).0, VIRTIO_IOMMU_S_OK);
+        assert_eq!(alloc(&mut dev, 1, 1000).0, VIRTIO_IOMMU_S_NOMEM);
+    }
+
+    #[test]
+    fn quota_zero_disables_pasid_alloc() {
+        let mut dev = device_with_pasids(0);
+        assert_eq!(alloc(&mut dev, 1, 1000).0, VIRTIO_IOMMU_S_NOMEM);
+    }
+
+    #[test]
+    fn pasid_alloc_with_an_inverted_or_too_wide_range_is_range() {
+        let mut dev = device_with_pasids(10);
+        assert_eq!(alloc(&mut dev, 50, 10).0, VIRTIO_IOMMU_S_RANGE);
+        assert_eq!(alloc(&mut dev, 1, 1 << 20).0, VIRTIO_IOMMU_S_RANGE);
+    }
+
+    #[test]
+    fn pasid_free_of_a_pasid_this_vm_does_not_own_is_noent() {
+        let mut dev = device_with_pasids(10);
+        assert_eq!(free(&mut dev, 77), VIRTIO_IOMMU_S_NOENT);
+        let (_, p) = alloc(&mut dev, 1, 1000);
+        assert_eq!(free(&mut dev, p), VIRTIO_IOMMU_S_OK);
+        assert_ne!(free(&mut dev, p), VIRTIO_IOMMU_S_OK, "freed twice");
+    }
+
+    #[test]
+    fn pasid_requests_with_flags_or_reserved_bytes_set_are_inval() {
+        let mut dev = device_with_pasids(10);
+        let mut req = PasidAllocReq::new(1, 10);
+        req.flags = 1.into();
+        let r = dev.handle_request(req.readable(), PASID_ALLOC_WRITABLE);
+        assert_eq!(r.status(), Some(VIRTIO_IOMMU_S_INVAL));
+        let mut f = PasidFreeReq::new(1);
+        f.reserved[3] = 1;
+        assert_eq!(send(&mut dev, &f), VIRTIO_IOMMU_S_INVAL);
+    }
+
+    #[test]
+    fn pasid_alloc_without_room_for_the_pasid_is_inval_and_allocates_nothing() {
+        let mut dev = device_with_pasids(1);
+        let req = PasidAllocReq::new(1, 10);
+        let r = dev.handle_request(req.readable(), 4);
+        assert_eq!(r.status(), Some(VIRTIO_IOMMU_S_INVAL));
+        assert_eq!(
+            alloc(&mut dev, 1, 10).0,
+            VIRTIO_IOMMU_S_OK,
+            "the quota was consumed"
+        );
+    }
+}
+
+// ---- Hostile guests ----
+
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn request() -> impl Strategy<Value = (Vec<u8>, usize)> {
+        (
+            0u8..13,
+            prop::collection::vec(any::<u8>(), 0..96),
+            0usize..700,
+        )
+            .prop_map(|(t, mut body, writable)| {
+                // Small domain and endpoint numbers so requests collide.
+                if body.len() >= 8 {
+                    body[0] &= 3;
+                    body[1..4].fill(0);
+                    body[4] &= 7;
+                    body[5..8].fill(0);
+                }
+                let mut req = vec![t, 0, 0, 0];
+                req.extend(body);
+                (req, writable)
+            })
+    }
+
+    proptest! {
+        /// Whatever the guest sends, the device answers without panicking,
+        /// writes a status only when the writable part holds it, and keeps
+        /// its invariants: every attached endpoint's domain exists and
+        /// lists it, no domain is empty, mappings never overlap.
+        #[test]
+        fn arbitrary_requests_never_break_the_device(reqs in prop::collection::vec(request(), 1..200)) {
+            let mut dev = Viommu::new(DeviceConfig {
+                max_domains: 4,
+                max_mappings_per_domain: 16,
+                ..Default::default()
+            });
+            dev.set_acked_features(ALL_FEATURES);
+            for (req, writable) in &reqs {
+                let resp = dev.handle_request(req, *writable);
+                let mut buf = vec![0u8; *writable];
+                let used = resp.write_into(&mut buf);
+                prop_assert!(used == 0 || used as usize == *writable);
+                prop_assert!(used == 0 || *writable >= 4);
+            }
+            for (ep, d) in dev.attached_endpoints() {
+                let domain = dev.domains().get(&d);
+                prop_assert!(domain.is_some_and(|dom| dom.endpoints.contains(&ep)));
+            }
+            prop_assert!(dev.domains().len() <= 4);
+            for d in dev.domains().values() {
+                prop_assert!(!d.endpoints.is_empty());
+                prop_assert!(d.mappings.len() <= 16);
+                let m: Vec<_> = d.mappings.iter().collect();
+                for w in m.windows(2) {
+                    prop_assert!(w[0].virt_end < w[1].virt_start);
+                }
+            }
+        }
+    }
+}

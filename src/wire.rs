@@ -20,12 +20,20 @@ pub const VIRTIO_IOMMU_F_PROBE: u32 = 4;
 pub const VIRTIO_IOMMU_F_MMIO: u32 = 5;
 pub const VIRTIO_IOMMU_F_BYPASS_CONFIG: u32 = 6;
 
+/// PROJECT EXTENSION (docs/extension-spec.md): PASID_ALLOC and PASID_FREE
+/// requests, for guests that must use host PASIDs directly.
+pub const VIRTIO_IOMMU_F_PASID_ALLOC: u32 = 11;
+
 // Request types.
 pub const VIRTIO_IOMMU_T_ATTACH: u8 = 1;
 pub const VIRTIO_IOMMU_T_DETACH: u8 = 2;
 pub const VIRTIO_IOMMU_T_MAP: u8 = 3;
 pub const VIRTIO_IOMMU_T_UNMAP: u8 = 4;
 pub const VIRTIO_IOMMU_T_PROBE: u8 = 5;
+/// PROJECT EXTENSION: allocate a host PASID for the guest.
+pub const VIRTIO_IOMMU_T_PASID_ALLOC: u8 = 10;
+/// PROJECT EXTENSION: free a PASID the guest allocated.
+pub const VIRTIO_IOMMU_T_PASID_FREE: u8 = 11;
 
 // Status codes.
 pub const VIRTIO_IOMMU_S_OK: u8 = 0;
@@ -232,6 +240,65 @@ byte_valued!(
     size = 32
 );
 
+/// `struct virtio_iommu_req_pasid_alloc` (PROJECT EXTENSION, 32 bytes):
+/// 20 device-readable bytes, then the allocated PASID and the tail.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PasidAllocReq {
+    pub head: ReqHead,
+    /// Lowest acceptable PASID (at least 1).
+    pub min: Le32,
+    /// Highest acceptable PASID.
+    pub max: Le32,
+    /// No flags are defined; must be 0.
+    pub flags: Le32,
+    pub reserved: [u8; 4],
+    /// Written by the device: the allocated PASID.
+    pub pasid: Le32,
+    pub reserved_out: [u8; 4],
+    pub tail: ReqTail,
+}
+byte_valued!(
+    PasidAllocReq {
+        head: ReqHead,
+        min: Le32,
+        max: Le32,
+        flags: Le32,
+        reserved: [u8; 4],
+        pasid: Le32,
+        reserved_out: [u8; 4],
+        tail: ReqTail,
+    },
+    size = 32
+);
+
+/// Device-readable bytes of PASID_ALLOC.
+pub const PASID_ALLOC_READABLE: usize = 20;
+/// Device-writable bytes of PASID_ALLOC (pasid, reserved, tail).
+pub const PASID_ALLOC_WRITABLE: usize = 12;
+
+/// `struct virtio_iommu_req_pasid_free` (PROJECT EXTENSION, 24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PasidFreeReq {
+    pub head: ReqHead,
+    pub pasid: Le32,
+    /// No flags are defined; must be 0.
+    pub flags: Le32,
+    pub reserved: [u8; 8],
+    pub tail: ReqTail,
+}
+byte_valued!(
+    PasidFreeReq {
+        head: ReqHead,
+        pasid: Le32,
+        flags: Le32,
+        reserved: [u8; 8],
+        tail: ReqTail,
+    },
+    size = 24
+);
+
 /// Device-readable part of `struct virtio_iommu_req_probe` (72 bytes); the
 /// writable part is `probe_size` bytes of properties followed by the tail.
 #[repr(C)]
@@ -377,6 +444,32 @@ impl ProbeReq {
         ProbeReq {
             head: ReqHead::new(VIRTIO_IOMMU_T_PROBE),
             endpoint: endpoint.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl PasidAllocReq {
+    pub fn new(min: u32, max: u32) -> Self {
+        PasidAllocReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_PASID_ALLOC),
+            min: min.into(),
+            max: max.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The device-readable bytes of the request.
+    pub fn readable(&self) -> &[u8] {
+        &self.as_slice()[..PASID_ALLOC_READABLE]
+    }
+}
+
+impl PasidFreeReq {
+    pub fn new(pasid: u32) -> Self {
+        PasidFreeReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_PASID_FREE),
+            pasid: pasid.into(),
             ..Default::default()
         }
     }

@@ -357,57 +357,15 @@ fn ring_restart_at_zero_on_the_same_connection_is_a_driver_reset() {
         "pause lost state"
     );
     // A driver reset: rings restart from index 0.
-    let mem = g.mem.clone();
     for q in 0..2 {
         g.fe.get_vring_base(q).unwrap();
     }
-    let mut g2 = restart_rings(g, mem);
+    g.restart_rings();
     assert_eq!(
-        g2.map(1, 0x1000, 0x1fff, 0x7000, RW),
+        g.map(1, 0x1000, 0x1fff, 0x7000, RW),
         VIRTIO_IOMMU_S_NOENT,
         "reset kept state"
     );
-}
-
-/// Re-initialises the rings of `g`'s connection at index 0, as QEMU does
-/// on DRIVER_OK after a reset.
-fn restart_rings(g: Guest, mem: vm_memory::GuestMemoryMmap) -> Guest {
-    let Guest {
-        mut fe,
-        kicks,
-        calls,
-        options,
-        features,
-        ..
-    } = g;
-    let (rq_layout, _) = common::driver::RingLayout::at(0, options.request_queue_size);
-    let (eq_layout, _) = common::driver::RingLayout::at(0x8000, options.event_queue_size);
-    let rq = common::driver::DriverRing::new(&mem, rq_layout);
-    let eq = common::driver::DriverRing::new(&mem, eq_layout);
-    fe.set_features(features).unwrap();
-    for (q, layout) in [(0usize, rq_layout), (1, eq_layout)] {
-        let hva =
-            vm_memory::GuestMemoryBackend::get_host_address(&mem, GuestAddress(0)).unwrap() as u64;
-        fe.set_vring_num(q, layout.size).unwrap();
-        fe.set_vring_addr(
-            q,
-            &vhost::VringConfigData {
-                queue_max_size: layout.size,
-                queue_size: layout.size,
-                flags: 0,
-                desc_table_addr: hva + layout.desc.0,
-                used_ring_addr: hva + layout.used.0,
-                avail_ring_addr: hva + layout.avail.0,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(q, 0).unwrap();
-        fe.set_vring_kick(q, &kicks[q]).unwrap();
-        fe.set_vring_call(q, &calls[q]).unwrap();
-        fe.set_vring_enable(q, true).unwrap();
-    }
-    Guest::from_parts(fe, mem, rq, eq, kicks, calls, features, options)
 }
 
 #[test]
@@ -482,4 +440,40 @@ fn invalid_command_lines_fail_with_a_clear_message() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn socket_activation_serves_a_listener_passed_by_file_descriptor() {
+    use std::os::fd::AsRawFd;
+
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+
+    // A service manager binds the socket and hands it over as an fd.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    fcntl(&listener, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+    let fd = listener.as_raw_fd().to_string();
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["--socket-fd", &fd])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(listener);
+    let mut g = Guest::connect(&path, GuestOptions::default());
+    assert_eq!(g.attach(1, 8), VIRTIO_IOMMU_S_OK);
+    drop(g);
+    // The socket belongs to the service manager: the daemon leaves it.
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-s", "TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        path.exists(),
+        "the daemon removed a socket it did not create"
+    );
 }

@@ -16,22 +16,29 @@
 //! in progress on a translation being invalidated.
 
 pub mod cache;
+pub mod frame;
 
 use std::{
     collections::HashMap,
-    io::{self, Read, Write},
+    io::{self, Write},
+    os::fd::{AsFd, OwnedFd},
     os::unix::net::UnixStream,
     path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
-        mpsc, Arc, Mutex, MutexGuard, RwLock,
+        mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use cache::Cache;
+use frame::{FrameReader, Polled};
 use log::warn;
+use nix::{
+    errno::Errno,
+    poll::{poll, PollFd, PollFlags, PollTimeout},
+};
 use serde_json::Value;
 use viommu::control::*;
 pub use viommu::{
@@ -43,6 +50,9 @@ pub use viommu::{
 /// keeps removing it before it can be used.
 const MAX_REFETCH: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the reader thread and a caller spin for a reply before
+/// sleeping (a wake-up costs 10-20 us on a virtualised host).
+const REPLY_SPIN: Duration = Duration::from_micros(50);
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -112,11 +122,46 @@ enum Reply {
 struct Call {
     endpoint: u32,
     iova: u64,
-    tx: mpsc::SyncSender<Reply>,
+    slot: Arc<ReplySlot>,
+}
+
+/// Where the reader thread leaves a reply for the caller, who spins a
+/// little before sleeping on it.
+#[derive(Default)]
+struct ReplySlot {
+    ready: AtomicBool,
+    reply: Mutex<Option<Reply>>,
+    cv: Condvar,
+}
+
+impl ReplySlot {
+    fn put(&self, r: Option<Reply>) {
+        *lock(&self.reply) = r;
+        self.ready.store(true, Ordering::Release);
+        self.cv.notify_one();
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The reply, or `None` when the connection closed first.
+    fn take(&self) -> Option<Reply> {
+        let mut g = lock(&self.reply);
+        while !self.ready.load(Ordering::Acquire) {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.take()
+    }
 }
 
 struct Shared {
     writer: Mutex<UnixStream>,
+    /// Whoever holds it reads from the socket: the background thread, or
+    /// a caller waiting for its reply.
+    reader: Mutex<FrameReader>,
+    /// The socket, for the background thread's `poll`.
+    poll_fd: OwnedFd,
     calls: Mutex<HashMap<u32, Call>>,
     cache: Option<RwLock<Cache>>,
     events: Mutex<Option<mpsc::Sender<Event>>>,
@@ -147,34 +192,6 @@ pub struct Client {
     reader: Option<thread::JoinHandle<()>>,
 }
 
-struct FrameReader {
-    stream: UnixStream,
-    buf: FrameBuffer,
-}
-
-impl FrameReader {
-    fn next(&mut self) -> Result<Option<Message>, Error> {
-        loop {
-            match self.buf.next_frame() {
-                Ok(Some(body)) => {
-                    return Message::decode(body)
-                        .map(Some)
-                        .map_err(|e| Error::Protocol(e.to_string()))
-                }
-                Ok(None) => {}
-                Err(e) => return Err(Error::Protocol(e.to_string())),
-            }
-            let spare = self.buf.spare(64 * 1024);
-            let n_spare = spare.len();
-            let n = self.stream.read(spare)?;
-            self.buf.filled(n, n_spare);
-            if n == 0 {
-                return Ok(None);
-            }
-        }
-    }
-}
-
 impl Client {
     /// Connects and performs the version handshake.
     pub fn connect(path: impl AsRef<Path>, options: Options) -> Result<Client, Error> {
@@ -197,12 +214,9 @@ impl Client {
             }
             .encode(),
         );
-        let mut reader = FrameReader {
-            stream: stream.try_clone()?,
-            buf: FrameBuffer::new(),
-        };
+        let mut reader = FrameReader::new(stream.try_clone()?);
         reader.stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        let client_id = match (reader.next(), sent) {
+        let client_id = match (reader.next(Duration::ZERO).map_err(read_error), sent) {
             (Ok(Some(Message::Bye { message })), _) => return Err(Error::Refused(message)),
             (_, Err(e)) => return Err(Error::Io(e)),
             (Ok(Some(Message::Welcome { client_id, .. })), Ok(())) => client_id,
@@ -223,8 +237,12 @@ impl Client {
         } else {
             (None, None)
         };
+        reader.stream.set_read_timeout(None)?;
+        let poll_fd = OwnedFd::from(stream.try_clone()?);
         let shared = Arc::new(Shared {
             writer: Mutex::new(stream),
+            reader: Mutex::new(reader),
+            poll_fd,
             calls: Mutex::new(HashMap::new()),
             cache: options.cache.then(|| RwLock::new(Cache::default())),
             events: Mutex::new(tx),
@@ -233,7 +251,7 @@ impl Client {
         let s = shared.clone();
         let reader = thread::Builder::new()
             .name("viommu-client".into())
-            .spawn(move || read_loop(s, reader))?;
+            .spawn(move || background(s))?;
         Ok(Client {
             shared,
             next_tag: AtomicU32::new(1),
@@ -260,13 +278,29 @@ impl Client {
         build: impl FnOnce(u32) -> Message,
     ) -> Result<Reply, Error> {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::sync_channel(1);
-        lock(&self.shared.calls).insert(tag, Call { endpoint, iova, tx });
+        let slot = Arc::new(ReplySlot::default());
+        lock(&self.shared.calls).insert(
+            tag,
+            Call {
+                endpoint,
+                iova,
+                slot: slot.clone(),
+            },
+        );
         if let Err(e) = self.shared.send(&build(tag)) {
             lock(&self.shared.calls).remove(&tag);
             return Err(e);
         }
-        rx.recv().map_err(|_| Error::Disconnected)
+        // Read the reply ourselves while it is on its way, unless the
+        // background thread is already reading; then sleep on the slot.
+        let deadline = Instant::now() + REPLY_SPIN;
+        while !slot.is_ready() && Instant::now() < deadline {
+            if let Ok(mut reader) = self.shared.reader.try_lock() {
+                self.shared.drain(&mut reader);
+            }
+            std::hint::spin_loop();
+        }
+        slot.take().ok_or(Error::Disconnected)
     }
 
     fn fetch(
@@ -487,32 +521,75 @@ fn cached_segments(
     }
 }
 
-fn read_loop(shared: Arc<Shared>, mut reader: FrameReader) {
-    loop {
-        let msg = match reader.next() {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
+fn read_error(e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::InvalidData => Error::Protocol(e.to_string()),
+        _ => Error::Io(e),
+    }
+}
+
+/// The background reader: waits for data without holding the reader, so
+/// a caller waiting for its own reply reads it directly (no thread
+/// wake-up on the translation path), and dispatches what nobody else read:
+/// invalidations, events, replies of callers that stopped spinning.
+fn background(shared: Arc<Shared>) {
+    // Frames that came with the handshake are already buffered: drain
+    // before waiting for the socket.
+    while shared.drain(&mut lock(&shared.reader)) {
+        let mut fds = [PollFd::new(shared.poll_fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => {
-                if !shared.closed.load(Ordering::Acquire) {
-                    warn!("viommu control connection: {e}");
-                }
+                warn!("viommu control connection: poll: {e}");
                 break;
             }
-        };
+        }
+    }
+    shared.close();
+}
+
+impl Shared {
+    /// Reads and dispatches every message that has arrived, in stream
+    /// order (the reader lock is held throughout). False once the
+    /// connection is gone.
+    fn drain(&self, reader: &mut FrameReader) -> bool {
+        loop {
+            match reader.try_next() {
+                Ok(Polled::Message(m)) => {
+                    if !self.dispatch(m) {
+                        self.close();
+                        return false;
+                    }
+                }
+                Ok(Polled::Empty) => return true,
+                Ok(Polled::Closed) => {
+                    self.close();
+                    return false;
+                }
+                Err(e) => {
+                    if !self.closed.load(Ordering::Acquire) {
+                        warn!("viommu control connection: {}", read_error(e));
+                    }
+                    self.close();
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Acts on one message from the daemon; false on BYE.
+    fn dispatch(&self, msg: Message) -> bool {
         let reply = |tag: u32, r: Reply| {
-            if let Some(call) = lock(&shared.calls).remove(&tag) {
-                let _ = call.tx.send(r);
+            if let Some(call) = lock(&self.calls).remove(&tag) {
+                call.slot.put(Some(r));
             }
         };
         match msg {
             Message::Translation { tag, extents } => {
-                if let Some(cache) = &shared.cache {
-                    if let Some(call) = lock(&shared.calls).get(&tag) {
-                        cache.write().unwrap_or_else(|e| e.into_inner()).insert(
-                            call.endpoint,
-                            call.iova,
-                            &extents,
-                        );
+                if let Some(cache) = &self.cache {
+                    if let Some(call) = lock(&self.calls).get(&tag) {
+                        let mut c = cache.write().unwrap_or_else(|e| e.into_inner());
+                        c.insert(call.endpoint, call.iova, &extents);
                     }
                 }
                 reply(tag, Reply::Translation(extents));
@@ -525,16 +602,14 @@ fn read_loop(shared: Arc<Shared>, mut reader: FrameReader) {
             } => reply(tag, Reply::Result(status, message)),
             Message::QueryReply { tag, json } => reply(tag, Reply::Query(json)),
             Message::Invalidate { seq, scope } => {
-                if let Some(cache) = &shared.cache {
+                if let Some(cache) = &self.cache {
                     // Waits for `translate_with` closures still using them.
                     cache
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
                         .invalidate(scope);
                 }
-                if shared.send(&Message::Ack { seq }).is_err() {
-                    break;
-                }
+                return self.send(&Message::Ack { seq }).is_ok();
             }
             Message::Event { seq, kind } => {
                 let ev = if seq == 0 {
@@ -542,29 +617,35 @@ fn read_loop(shared: Arc<Shared>, mut reader: FrameReader) {
                 } else {
                     Event::Live { seq, kind }
                 };
-                if let Some(tx) = lock(&shared.events).as_ref() {
+                if let Some(tx) = lock(&self.events).as_ref() {
                     let _ = tx.send(ev);
                 }
             }
             Message::ReplayDone => {
-                if let Some(tx) = lock(&shared.events).as_ref() {
+                if let Some(tx) = lock(&self.events).as_ref() {
                     let _ = tx.send(Event::ReplayDone);
                 }
             }
             Message::Bye { message } => {
                 warn!("viommu daemon closed the control connection: {message}");
-                break;
+                return false;
             }
             other => warn!("unexpected message from the daemon: {other:?}"),
         }
+        true
     }
-    shared.closed.store(true, Ordering::Release);
-    // Fail pending calls and end the event stream.
-    lock(&shared.calls).clear();
-    lock(&shared.events).take();
-    if let Some(cache) = &shared.cache {
-        // Nothing invalidates this cache any more.
-        cache.write().unwrap_or_else(|e| e.into_inner()).clear();
+
+    /// Marks the connection closed: pending calls fail, the event stream
+    /// ends, and the cache empties since nothing invalidates it any more.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for (_, call) in lock(&self.calls).drain() {
+            call.slot.put(None);
+        }
+        lock(&self.events).take();
+        if let Some(cache) = &self.cache {
+            cache.write().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 }
 

@@ -31,6 +31,18 @@ pub use translate::{device_max_pasid, GuestPasid, TranslationMode, Translator};
 /// A PASID (guest or host, as the context says).
 pub type Pasid = u32;
 
+/// Guest-visible PASID allocation (PROJECT EXTENSION PASID_ALLOC and
+/// PASID_FREE, docs/extension-spec.md), provided by the daemon for the
+/// VM's set. The device model offers `VIRTIO_IOMMU_F_PASID_ALLOC` only
+/// when one is installed.
+pub trait PasidProvider: Send {
+    /// Allocates a PASID in `[min, max]` for this VM's set.
+    fn alloc(&mut self, min: Pasid, max: Pasid) -> Result<Pasid>;
+    /// Frees a PASID of this VM's set: it becomes inactive and returns to
+    /// the pool when its last reference is dropped.
+    fn free(&mut self, pasid: Pasid) -> Result<()>;
+}
+
 /// Smallest supported PASID width in bits.
 pub const MIN_BITS: u8 = 1;
 /// Largest PASID width in bits (PCIe).

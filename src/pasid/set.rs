@@ -387,6 +387,76 @@ impl PasidAllocator {
         Ok(released)
     }
 
+    /// Takes over a lease granted earlier (by a durable source, to a
+    /// previous incarnation of this allocator) without asking the source:
+    /// its PASIDs join the pool. Fails, changing nothing, if the range is
+    /// empty, holds 0, leaves the space or overlaps a lease already held.
+    pub fn adopt_lease(&mut self, range: RangeInclusive<Pasid>) -> Result<()> {
+        if range.is_empty()
+            || *range.start() == 0
+            || *range.end() > self.max
+            || self.overlaps_lease(&range)
+        {
+            return Err(PasidError::Source(format!("cannot adopt lease {range:?}")));
+        }
+        for id in range.clone() {
+            self.space.release(id);
+        }
+        let at = self.leases.partition_point(|l| l.start() < range.start());
+        self.leases.insert(at, range);
+        Ok(())
+    }
+
+    /// Re-creates `pasid` as an active PASID of `set` with the owner's
+    /// reference only, as it was recorded before a restart. The PASID must
+    /// lie in an adopted lease and be free. It is charged to the quota
+    /// even beyond it: a quota lowered across a restart only makes
+    /// further allocations fail.
+    pub fn restore(&mut self, set: SetId, pasid: Pasid) -> Result<()> {
+        self.check_pasid(pasid)?;
+        self.live_slot(set)?;
+        if !self.space.take(pasid) {
+            return Err(PasidError::Source(format!(
+                "cannot restore PASID {pasid}: not free in a held lease"
+            )));
+        }
+        self.entries.insert(
+            pasid,
+            Entry {
+                owner: set.index + 1,
+                active: true,
+                refs: 1,
+            },
+        );
+        self.sets[usize::from(set.index)].charged += 1;
+        Ok(())
+    }
+
+    /// The PASIDs of `set` not yet returned to the pool (inactive ones
+    /// included), in increasing order, with their state.
+    pub fn pasids_of(&self, set: SetId) -> Result<Vec<(Pasid, PasidState)>> {
+        self.slot(set, true)?;
+        let mut out = Vec::new();
+        let mut next = 1;
+        while let Some(id) = self.entries.next_occupied(next, self.max) {
+            if let Some(e) = self.entries.get(id).filter(|e| e.owner == set.index + 1) {
+                out.push((
+                    id,
+                    PasidState {
+                        owner: set,
+                        active: e.active,
+                        refs: e.refs,
+                    },
+                ));
+            }
+            match id.checked_add(1) {
+                Some(n) => next = n,
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Number of PASIDs currently leased from the source.
     pub fn leased(&self) -> u32 {
         self.leases.iter().map(|r| r.end() - r.start() + 1).sum()
@@ -868,6 +938,77 @@ mod tests {
         let s = a.create_set(10).unwrap();
         assert_eq!(a.alloc(s, 1..=255), Ok(1));
         assert!(matches!(a.alloc(s, 1..=255), Err(PasidError::Source(_))));
+    }
+
+    #[test]
+    fn adopted_lease_joins_the_pool_without_asking_the_source() {
+        let config = AllocatorConfig {
+            bits: 8,
+            lease_block: 16,
+        };
+        // A source with nothing left: only the adopted lease can serve.
+        let mut a = PasidAllocator::new(config, Box::new(Liar(vec![]))).unwrap();
+        let s = a.create_set(10).unwrap();
+        a.adopt_lease(32..=47).unwrap();
+        assert_eq!(a.leased(), 16);
+        assert_eq!(a.alloc(s, 1..=255), Ok(32));
+        for bad in [40..=50, 0..=3, 250..=256] {
+            assert!(a.adopt_lease(bad.clone()).is_err(), "{bad:?}");
+        }
+        let (lo, hi) = (9, 8); // empty on purpose
+        assert!(a.adopt_lease(lo..=hi).is_err());
+        assert_eq!(a.leased(), 16);
+    }
+
+    #[test]
+    fn restored_pasid_is_active_with_only_the_owner_reference_and_charged() {
+        let config = AllocatorConfig {
+            bits: 8,
+            lease_block: 16,
+        };
+        let mut a = PasidAllocator::new(config, Box::new(Liar(vec![]))).unwrap();
+        let s = a.create_set(1).unwrap();
+        a.adopt_lease(16..=31).unwrap();
+        a.restore(s, 20).unwrap();
+        // Beyond the quota: a quota lowered across a restart.
+        a.restore(s, 21).unwrap();
+        assert_eq!(
+            a.state(20),
+            Some(PasidState {
+                owner: s,
+                active: true,
+                refs: 1
+            })
+        );
+        assert_eq!(a.usage(s).unwrap().charged, 2);
+        assert!(matches!(
+            a.alloc(s, 1..=255),
+            Err(PasidError::QuotaExceeded { .. })
+        ));
+        assert!(a.restore(s, 20).is_err(), "restored twice");
+        assert!(a.restore(s, 40).is_err(), "outside every lease");
+        a.free(s, 20).unwrap();
+        assert_eq!(a.state(20), None);
+    }
+
+    #[test]
+    fn pasids_of_lists_only_that_sets_pasids_with_their_state() {
+        let mut a = allocator(8);
+        let s = a.create_set(10).unwrap();
+        let t = a.create_set(10).unwrap();
+        let p = a.alloc(s, all(&a)).unwrap();
+        let q = a.alloc(t, all(&a)).unwrap();
+        let r = a.alloc(s, all(&a)).unwrap();
+        a.get(s, r).unwrap();
+        a.free(s, r).unwrap();
+        let listed = a.pasids_of(s).unwrap();
+        let brief: Vec<_> = listed
+            .iter()
+            .map(|(id, st)| (*id, st.active, st.refs))
+            .collect();
+        assert_eq!(brief, vec![(p, true, 1), (r, false, 1)]);
+        assert_eq!(a.pasids_of(t).unwrap().len(), 1);
+        assert_eq!(a.pasids_of(t).unwrap()[0].0, q);
     }
 
     #[test]

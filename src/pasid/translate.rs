@@ -135,6 +135,61 @@ impl Translator {
             return Ok(host);
         }
         let host = alloc.alloc(set, 1..=device_max.min(alloc.max_pasid()))?;
+        self.insert(set, guest, host);
+        Ok(host)
+    }
+
+    /// Maps guest PASID `guest` of `set` to `host`, an active PASID of
+    /// `set` allocated by the caller: a mapping recovered after a restart,
+    /// or one where the guest uses the host PASID itself (PASID_ALLOC,
+    /// where `guest == host`). The mapping then owns the host PASID as if
+    /// [`Self::map`] had allocated it. Fails if either side is mapped.
+    pub fn adopt(
+        &mut self,
+        alloc: &PasidAllocator,
+        set: SetId,
+        guest: Pasid,
+        host: Pasid,
+    ) -> Result<()> {
+        if guest == 0 {
+            return Err(PasidError::OutOfRange {
+                pasid: 0,
+                max: Pasid::MAX,
+            });
+        }
+        if self.mode == TranslationMode::Identity {
+            return Err(PasidError::InvalidConfig(
+                "identity mode does not map PASIDs",
+            ));
+        }
+        alloc.lookup(set, host)?;
+        if self.lookup(set, guest).is_some() || self.reverse.get(host).is_some() {
+            return Err(PasidError::Source(format!(
+                "guest PASID {guest} or host PASID {host} is already mapped"
+            )));
+        }
+        self.insert(set, guest, host);
+        Ok(())
+    }
+
+    /// Whether guest PASID `guest` of `set` is mapped (global mode).
+    pub fn is_mapped(&self, set: SetId, guest: Pasid) -> bool {
+        self.lookup(set, guest).is_some()
+    }
+
+    /// Host PASID mapped to guest PASID `guest` of `set`, whatever its
+    /// state and width (inspection, freeing).
+    pub fn host_of(&self, set: SetId, guest: Pasid) -> Option<Pasid> {
+        self.lookup(set, guest)
+    }
+
+    /// Guest PASID mapped to host PASID `host`, whatever its state
+    /// (inspection).
+    pub fn guest_of(&self, host: Pasid) -> Option<Pasid> {
+        self.reverse.get(host).copied()
+    }
+
+    fn insert(&mut self, set: SetId, guest: Pasid, host: Pasid) {
         let slot = set.index();
         if self.forward.len() <= slot {
             self.forward.resize_with(slot + 1, || None);
@@ -150,7 +205,6 @@ impl Translator {
             let reverse = &self.reverse;
             map.insert(host, |h| reverse.get(h).copied().unwrap_or(0));
         }
-        Ok(host)
     }
 
     /// Unmaps guest PASID `guest` of `set` and frees its host PASID, which
@@ -407,6 +461,50 @@ mod tests {
         assert_eq!(t.mapped(), 0);
         assert_eq!(a.live(), 0);
         assert_eq!(t.to_host(&a, s, 3, 20), Err(PasidError::NotMapped(3)));
+    }
+
+    #[test]
+    fn adopted_mapping_translates_both_ways_and_unmaps_like_a_mapped_one() {
+        let (mut a, mut t, s) = setup(TranslationMode::Global);
+        let h = a.alloc(s, 100..=200).unwrap();
+        t.adopt(&a, s, h, h).unwrap();
+        assert_eq!(t.to_host(&a, s, h, 20), Ok(h));
+        assert_eq!(t.host_of(s, h), Some(h));
+        assert_eq!(t.guest_of(h), Some(h));
+        assert_eq!(t.map(&mut a, s, h, 20), Ok(h), "map finds it");
+        assert_eq!(
+            t.to_guest(&a, h, 20),
+            Ok(GuestPasid {
+                set: Some(s),
+                pasid: h
+            })
+        );
+        t.unmap(&mut a, s, h).unwrap();
+        assert_eq!(a.state(h), None, "unmap freed the host PASID");
+        assert!(!t.is_mapped(s, h));
+    }
+
+    #[test]
+    fn adopt_refuses_mapped_inactive_or_foreign_pasids() {
+        let (mut a, mut t, s) = setup(TranslationMode::Global);
+        let s2 = a.create_set(100).unwrap();
+        let h = a.alloc(s, 1..=100).unwrap();
+        let other = a.alloc(s2, 1..=100).unwrap();
+        t.adopt(&a, s, 7, h).unwrap();
+        let h2 = a.alloc(s, 1..=100).unwrap();
+        assert!(t.adopt(&a, s, 7, h2).is_err(), "guest PASID already mapped");
+        assert!(t.adopt(&a, s, 8, h).is_err(), "host PASID already mapped");
+        assert_eq!(
+            t.adopt(&a, s, 9, other),
+            Err(PasidError::ForeignPasid(other))
+        );
+        a.get(s, h2).unwrap();
+        a.free(s, h2).unwrap();
+        assert_eq!(t.adopt(&a, s, 9, h2), Err(PasidError::Inactive(h2)));
+        assert!(t.adopt(&a, s, 0, h2).is_err());
+        let (mut a, mut t, s) = setup(TranslationMode::Identity);
+        let h = a.alloc(s, 1..=100).unwrap();
+        assert!(t.adopt(&a, s, h, h).is_err(), "identity mode maps nothing");
     }
 
     #[test]

@@ -48,11 +48,16 @@ impl Daemon {
         let socket = dir.path().join("viommu.sock");
         let log = dir.path().join("daemon.log");
         let control = dir.path().join("control.sock");
-        let child = Command::new(BIN)
-            .arg("--socket-path")
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--socket-path")
             .arg(&socket)
             .arg("--control-socket")
-            .arg(&control)
+            .arg(&control);
+        // Tests never touch the host's real PASID state.
+        if !args.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(dir.path().join("state"));
+        }
+        let child = cmd
             .args(args)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
@@ -214,6 +219,45 @@ pub struct Guest {
     next_event: u64,
 }
 
+/// Lays out both rings in guest memory (zeroed) and hands them to the
+/// daemon, starting at index 0.
+fn setup_rings(
+    fe: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    options: GuestOptions,
+    kicks: &[EventFd; 2],
+    calls: &[EventFd; 2],
+) -> (DriverRing, DriverRing) {
+    let (rq_layout, _) = RingLayout::at(REQUEST_RING, options.request_queue_size);
+    let (eq_layout, _) = RingLayout::at(EVENT_RING, options.event_queue_size);
+    let rq = DriverRing::new(mem, rq_layout);
+    let eq = DriverRing::new(mem, eq_layout);
+    // Like Linux: the request queue has no callback.
+    rq.set_avail_flags(mem, VIRTQ_AVAIL_F_NO_INTERRUPT);
+    let hva = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+    for (q, layout) in [(0usize, rq_layout), (1, eq_layout)] {
+        fe.set_vring_num(q, layout.size).unwrap();
+        fe.set_vring_addr(
+            q,
+            &VringConfigData {
+                queue_max_size: layout.size,
+                queue_size: layout.size,
+                flags: 0,
+                desc_table_addr: hva + layout.desc.0,
+                used_ring_addr: hva + layout.used.0,
+                avail_ring_addr: hva + layout.avail.0,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(q, 0).unwrap();
+        fe.set_vring_kick(q, &kicks[q]).unwrap();
+        fe.set_vring_call(q, &calls[q]).unwrap();
+        fe.set_vring_enable(q, true).unwrap();
+    }
+    (rq, eq)
+}
+
 pub fn guest_memory() -> GuestMemoryMmap {
     let file = tempfile::tempfile().unwrap();
     file.set_len(MEM_SIZE).unwrap();
@@ -255,35 +299,9 @@ impl Guest {
         let region = mem.find_region(GuestAddress(0)).unwrap();
         fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
             .unwrap();
-        let (rq_layout, _) = RingLayout::at(REQUEST_RING, options.request_queue_size);
-        let (eq_layout, _) = RingLayout::at(EVENT_RING, options.event_queue_size);
-        let rq = DriverRing::new(&mem, rq_layout);
-        let eq = DriverRing::new(&mem, eq_layout);
-        // Like Linux: the request queue has no callback.
-        rq.set_avail_flags(&mem, VIRTQ_AVAIL_F_NO_INTERRUPT);
         let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
         let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
-        let hva = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-        for (q, layout) in [(0usize, rq_layout), (1, eq_layout)] {
-            fe.set_vring_num(q, layout.size).unwrap();
-            fe.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: layout.size,
-                    queue_size: layout.size,
-                    flags: 0,
-                    desc_table_addr: hva + layout.desc.0,
-                    used_ring_addr: hva + layout.used.0,
-                    avail_ring_addr: hva + layout.avail.0,
-                    log_addr: None,
-                },
-            )
-            .unwrap();
-            fe.set_vring_base(q, 0).unwrap();
-            fe.set_vring_kick(q, &kicks[q]).unwrap();
-            fe.set_vring_call(q, &calls[q]).unwrap();
-            fe.set_vring_enable(q, true).unwrap();
-        }
+        let (rq, eq) = setup_rings(&mut fe, &mem, options, &kicks, &calls);
         Guest {
             fe,
             mem,
@@ -298,31 +316,18 @@ impl Guest {
         }
     }
 
-    /// Reassembles a guest from a connection whose rings were re-created.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_parts(
-        fe: Frontend,
-        mem: GuestMemoryMmap,
-        rq: DriverRing,
-        eq: DriverRing,
-        kicks: [EventFd; 2],
-        calls: [EventFd; 2],
-        features: u64,
-        options: GuestOptions,
-    ) -> Guest {
-        rq.set_avail_flags(&mem, VIRTQ_AVAIL_F_NO_INTERRUPT);
-        Guest {
-            fe,
-            mem,
-            rq,
-            eq,
-            kicks,
-            calls,
-            features,
-            options,
-            next_slot: 0,
-            next_event: 0,
-        }
+    /// Restarts both rings at index 0 on the same connection, as QEMU does
+    /// on DRIVER_OK after the guest driver reset the device.
+    pub fn restart_rings(&mut self) {
+        self.fe.set_features(self.features).unwrap();
+        let (rq, eq) = setup_rings(
+            &mut self.fe,
+            &self.mem,
+            self.options,
+            &self.kicks,
+            &self.calls,
+        );
+        (self.rq, self.eq, self.next_slot, self.next_event) = (rq, eq, 0, 0);
     }
 
     /// A driver write of the `bypass` config field (through the VMM).
@@ -448,6 +453,24 @@ impl Guest {
 
     pub fn unmap(&mut self, domain: u32, start: u64, end: u64) -> u8 {
         self.request(&UnmapReq::new(domain, start, end))
+    }
+
+    /// PASID_ALLOC of a PASID in `[min, max]`: status and PASID.
+    pub fn pasid_alloc(&mut self, min: u32, max: u32) -> (u8, u32) {
+        let req = PasidAllocReq::new(min, max);
+        let c = self
+            .submit(&[(req.readable(), PASID_ALLOC_WRITABLE)])
+            .remove(0);
+        let status = c
+            .status()
+            .expect("PASID_ALLOC completed with used length 0");
+        let pasid = u32::from_le_bytes(c.writable[..4].try_into().unwrap());
+        (status, pasid)
+    }
+
+    /// PASID_FREE: its status.
+    pub fn pasid_free(&mut self, pasid: u32) -> u8 {
+        self.request(&PasidFreeReq::new(pasid))
     }
 
     /// PROBE as Linux sends it: 72 readable bytes, `probe_size + 4`

@@ -35,6 +35,19 @@ pub enum Command {
     /// Write an ACPI VIOT table (for QEMU's `-acpitable file=`) describing
     /// the virtio-iommu PCI function and the endpoints it translates.
     Viot(crate::viot::ViotArgs),
+    /// Inspect and clean up the host-wide PASID state directory.
+    PasidAdmin(crate::pasid_admin::AdminArgs),
+}
+
+/// How guest PASIDs become host PASIDs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PasidMode {
+    /// Host-wide PASIDs (VT-d shared work queues, ENQCMD): guest PASIDs
+    /// come from the host allocator shared by every daemon of the host.
+    Global,
+    /// Per-device PASIDs (SMMUv3): guest PASIDs are used as host PASIDs,
+    /// only checked against the device's PASID width.
+    Identity,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -113,6 +126,41 @@ pub struct DaemonArgs {
     /// Most mappings one domain may hold.
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     pub max_mappings: usize,
+
+    /// Name of this VM's PASID set in the host-wide allocator. A daemon
+    /// restarted with the same name recovers its PASIDs; two running
+    /// daemons cannot share one. Default: the absolute --socket-path (or
+    /// the path the --socket-fd socket is bound to).
+    #[arg(long, value_name = "NAME")]
+    pub vm_id: Option<String>,
+
+    /// Host PASID width: PASIDs live in [1, 2^N - 1].
+    #[arg(long, value_name = "N", default_value_t = viommu::pasid::DEFAULT_BITS,
+          value_parser = clap::value_parser!(u8).range(1..=20))]
+    pub pasid_bits: u8,
+
+    /// Most PASIDs this VM may hold at once; 0 disables PASIDs.
+    #[arg(long, value_name = "N", default_value_t = viommu::pasid::DEFAULT_SET_QUOTA)]
+    pub pasid_quota: u32,
+
+    /// global: guest PASIDs come from the host-wide pool (PASID_ALLOC is
+    /// offered); identity: guest PASIDs are host PASIDs (per-device PASID
+    /// platforms).
+    #[arg(long, value_name = "global|identity", default_value = "global")]
+    pub pasid_mode: PasidMode,
+
+    /// Directory of the host-wide PASID state shared by all daemons.
+    /// Default: /var/lib/vhost-device-iommu as root,
+    /// $XDG_STATE_HOME/vhost-device-iommu (or ~/.local/state/...) otherwise.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The path Unix socket `fd` is bound to, if any; `Err` if `fd` is not
+/// a Unix socket.
+fn bound_path(fd: i32) -> Result<Option<PathBuf>, ()> {
+    let addr: nix::sys::socket::UnixAddr = nix::sys::socket::getsockname(fd).map_err(|_| ())?;
+    Ok(addr.path().map(PathBuf::from))
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -152,6 +200,33 @@ impl DaemonArgs {
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// Whether the host-wide PASID allocator is used (global mode with a
+    /// non-zero quota).
+    pub fn pasids_enabled(&self) -> bool {
+        self.pasid_mode == PasidMode::Global && self.pasid_quota > 0
+    }
+
+    /// The VM id: `--vm-id`, else the absolute socket path (for
+    /// `--socket-fd`, the path the socket is bound to).
+    pub fn vm_id(&self) -> Result<String, String> {
+        if let Some(id) = &self.vm_id {
+            return Ok(id.clone());
+        }
+        let path = match (&self.socket_path, self.socket_fd) {
+            (Some(p), _) => std::path::absolute(p)
+                .map_err(|e| format!("cannot make {} absolute: {e}", p.display()))?,
+            (None, Some(fd)) => bound_path(fd)
+                .map_err(|()| format!("--socket-fd {fd} is not an open socket"))?
+                .ok_or_else(|| {
+                    format!("--vm-id is required: --socket-fd {fd} is not bound to a path")
+                })?,
+            (None, None) => return Err("--vm-id is required".into()),
+        };
+        path.to_str()
+            .map(String::from)
+            .ok_or_else(|| format!("--vm-id is required: {} is not UTF-8", path.display()))
     }
 
     pub fn backend_options(&self) -> BackendOptions {
@@ -212,6 +287,57 @@ mod tests {
         let cfg = cli.daemon.device_config().unwrap();
         assert_eq!(cfg, DeviceConfig::default());
         assert_eq!(cli.daemon.backend_options().poll, Duration::from_micros(50));
+    }
+
+    #[test]
+    fn pasid_options_default_to_the_issue_values() {
+        let cli = parse(&["--socket-path", "/tmp/v.sock"]).unwrap();
+        let d = &cli.daemon;
+        assert_eq!(
+            (d.pasid_bits, d.pasid_quota, d.pasid_mode),
+            (20, 1000, PasidMode::Global)
+        );
+        assert!(d.vm_id.is_none() && d.state_dir.is_none());
+        assert!(d.pasids_enabled());
+        let cli = parse(&["--socket-path", "x", "--pasid-quota", "0"]).unwrap();
+        assert!(!cli.daemon.pasids_enabled(), "quota 0 disables PASIDs");
+        let cli = parse(&["--socket-path", "x", "--pasid-mode", "identity"]).unwrap();
+        assert!(!cli.daemon.pasids_enabled());
+        for bad in ["0", "21"] {
+            assert!(parse(&["--socket-path", "x", "--pasid-bits", bad]).is_err());
+        }
+    }
+
+    #[test]
+    fn vm_id_defaults_to_the_absolute_socket_path() {
+        let cli = parse(&["--socket-path", "/run/vm1/iommu.sock"]).unwrap();
+        assert_eq!(cli.daemon.vm_id().unwrap(), "/run/vm1/iommu.sock");
+        let cli = parse(&["--socket-path", "rel.sock"]).unwrap();
+        let id = cli.daemon.vm_id().unwrap();
+        assert!(id.starts_with('/') && id.ends_with("/rel.sock"), "{id}");
+        let cli = parse(&["--socket-path", "x", "--vm-id", "guest-7"]).unwrap();
+        assert_eq!(cli.daemon.vm_id().unwrap(), "guest-7");
+        // A listening socket passed by fd: its bound path.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l).to_string();
+        let cli = parse(&["--socket-fd", &fd]).unwrap();
+        assert_eq!(cli.daemon.vm_id().unwrap(), path.to_str().unwrap());
+        let unbound = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&unbound).to_string();
+        let cli = parse(&["--socket-fd", &fd]).unwrap();
+        assert!(cli
+            .daemon
+            .vm_id()
+            .unwrap_err()
+            .contains("--vm-id is required"));
+        let cli = parse(&["--socket-fd", "999"]).unwrap();
+        assert!(cli
+            .daemon
+            .vm_id()
+            .unwrap_err()
+            .contains("not an open socket"));
     }
 
     #[test]

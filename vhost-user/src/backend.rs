@@ -35,6 +35,7 @@ use crate::{
     chain::Request,
     control::Hub,
     eventq::{EventQueue, EventStats},
+    pasid_manager::PasidService,
 };
 
 pub const REQUEST_QUEUE: u16 = 0;
@@ -87,6 +88,7 @@ pub struct IommuBackend {
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     hub: Arc<Hub>,
     connected: AtomicBool,
+    pasids: RwLock<PasidService>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -110,7 +112,43 @@ impl IommuBackend {
             exit: Mutex::new(None),
             hub: Arc::new(Hub::new(options.client_timeout)),
             connected: AtomicBool::new(false),
+            pasids: RwLock::new(PasidService::Disabled),
         })
+    }
+
+    /// Sets what the daemon does with PASIDs; in global mode the device
+    /// then offers guest-visible PASID allocation.
+    pub fn install_pasids(&self, service: PasidService) {
+        if let PasidService::Global(shared) = &service {
+            self.model_mut()
+                .set_pasid_provider(Box::new(shared.clone()));
+        }
+        *self.pasids.write().unwrap_or_else(|e| e.into_inner()) = service;
+    }
+
+    /// A reset guest driver has forgotten the PASIDs it allocated: free
+    /// them (each stays reserved until its last reference is dropped).
+    fn reset_pasids(&self) {
+        if let PasidService::Global(shared) = self.pasids() {
+            match shared.lock().free_all() {
+                Ok(0) => {}
+                Ok(n) => info!("device reset: freed the guest's {n} PASIDs"),
+                Err(e) => warn!("device reset: freeing the guest's PASIDs: {e}"),
+            }
+        }
+    }
+
+    /// What the daemon does with PASIDs.
+    pub fn pasids(&self) -> PasidService {
+        self.pasids
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How long to spin for more work before sleeping (`--poll-us`).
+    pub fn poll_interval(&self) -> Duration {
+        self.options.poll
     }
 
     /// The control-plane clients.
@@ -272,7 +310,7 @@ impl IommuBackend {
         let waiting = self.hub.stage(&changes);
         drop(model);
         if !waiting.is_empty() {
-            self.hub.flush_and_wait(&waiting);
+            self.hub.flush_and_wait(&waiting, self.options.poll);
         }
     }
 
@@ -289,6 +327,7 @@ impl IommuBackend {
         let restart_at = vring.get_ref().get_queue().next_avail();
         if stopped_at != 0 && restart_at == 0 {
             info!("request queue restarted at 0 (stopped at {stopped_at}): driver reset, clearing IOMMU state");
+            self.reset_pasids();
             let mut model = self.model_mut();
             model.reset();
             self.publish(model);
@@ -351,7 +390,7 @@ impl VhostUserBackend for IommuBackend {
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | self.model().config().device_features()
+            | self.model().device_features()
     }
 
     fn acked_features(&self, features: u64) {
@@ -367,6 +406,7 @@ impl VhostUserBackend for IommuBackend {
 
     fn reset_device(&self) {
         info!("device reset: clearing IOMMU state");
+        self.reset_pasids();
         let mut model = self.model_mut();
         model.reset();
         self.publish(model);

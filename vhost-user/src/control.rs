@@ -13,7 +13,7 @@
 
 use std::{
     collections::HashSet,
-    io::{self, Read, Write},
+    io::{self, Write},
     os::unix::{
         fs::PermissionsExt,
         net::{UnixListener, UnixStream},
@@ -38,7 +38,9 @@ use viommu::{
     Viommu,
 };
 
-use crate::backend::IommuBackend;
+use viommu_client::frame::FrameReader;
+
+use crate::{backend::IommuBackend, pasid_manager::PasidService};
 
 /// Most clients connected at once.
 pub const MAX_CLIENTS: usize = 64;
@@ -178,9 +180,15 @@ impl Hub {
 
     /// Sends what `stage` queued and waits, up to the client timeout, for
     /// the acknowledgements; clients that miss it are disconnected.
-    pub fn flush_and_wait(&self, clients: &[Arc<ClientConn>]) {
+    pub fn flush_and_wait(&self, clients: &[Arc<ClientConn>], spin: Duration) {
         for c in clients {
             c.flush();
+        }
+        // Acks of an active client come back within microseconds: spin
+        // (bounded like the request queue's polling) before sleeping.
+        let spin_until = Instant::now() + spin;
+        while clients.iter().any(|c| c.waits_for_acks()) && Instant::now() < spin_until {
+            std::hint::spin_loop();
         }
         let deadline = Instant::now() + self.timeout;
         let mut guard = lock(&self.acked);
@@ -277,50 +285,18 @@ fn accept_loop(backend: Arc<IommuBackend>, listener: UnixListener) {
     }
 }
 
-/// Reads frames until the client hangs up or breaks the protocol.
-struct FrameReader {
-    stream: UnixStream,
-    buf: FrameBuffer,
-}
-
-impl FrameReader {
-    fn next(&mut self) -> io::Result<Option<Message>> {
-        loop {
-            match self.buf.next_frame() {
-                Ok(Some(body)) => {
-                    return Message::decode(body)
-                        .map(Some)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-                }
-                Ok(None) => {}
-                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-            }
-            let spare = self.buf.spare(64 * 1024);
-            let n_spare = spare.len();
-            let n = self.stream.read(spare)?;
-            self.buf.filled(n, n_spare);
-            if n == 0 {
-                return Ok(None);
-            }
-        }
-    }
-}
-
 fn serve_client(backend: Arc<IommuBackend>, stream: UnixStream) {
     let hub = backend.hub();
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = FrameReader {
-        stream: read_half,
-        buf: FrameBuffer::new(),
-    };
+    let mut reader = FrameReader::new(read_half);
     let _ = reader.stream.set_read_timeout(Some(HELLO_TIMEOUT));
     let bye = |text: String| {
         debug!("control client: {text}");
         let _ = (&stream).write_all(&Message::Bye { message: text }.encode());
     };
-    let flags = match reader.next() {
+    let flags = match reader.next(Duration::ZERO) {
         Ok(Some(Message::Hello { version, flags })) if version == PROTOCOL_VERSION => flags,
         Ok(Some(Message::Hello { version, .. })) => {
             return bye(format!(
@@ -346,7 +322,9 @@ fn serve_client(backend: Arc<IommuBackend>, stream: UnixStream) {
     conn.flush();
     debug!("control client {} connected (flags {flags:#x})", conn.id);
     loop {
-        let msg = match reader.next() {
+        // Spin briefly for the client's next message, as the request
+        // queue does for the guest's (see `--poll-us`).
+        let msg = match reader.next(backend.poll_interval()) {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
@@ -556,12 +534,14 @@ fn report_fault(backend: &IommuBackend, f: &FaultInfo) -> (u32, String) {
 }
 
 /// Names of request types, for `stats`.
-const REQUEST_NAMES: [(u8, &str); 5] = [
+const REQUEST_NAMES: [(u8, &str); 7] = [
     (VIRTIO_IOMMU_T_ATTACH, "attach"),
     (VIRTIO_IOMMU_T_DETACH, "detach"),
     (VIRTIO_IOMMU_T_MAP, "map"),
     (VIRTIO_IOMMU_T_UNMAP, "unmap"),
     (VIRTIO_IOMMU_T_PROBE, "probe"),
+    (VIRTIO_IOMMU_T_PASID_ALLOC, "pasid_alloc"),
+    (VIRTIO_IOMMU_T_PASID_FREE, "pasid_free"),
 ];
 
 /// Answers an inspection query (the JSON documents `ctl --json` prints).
@@ -665,7 +645,84 @@ pub fn query(backend: &IommuBackend, q: &Value) -> Value {
                 "clients_refused": hub.stats.refused.load(Ordering::Relaxed),
             })
         }
+        Some("pasids") => {
+            drop(model);
+            pasids_query(backend, q)
+        }
         Some(other) => json!({"error": format!("unknown query `{other}`")}),
         None => json!({"error": "query needs a `cmd`"}),
     }
+}
+
+/// Most PASIDs one `pasids` reply lists (then `next` says where to go on).
+pub const MAX_QUERY_PASIDS: usize = 10_000;
+
+/// The `pasids` query: this daemon's set with its PASIDs, and every set of
+/// the host from the state database (docs/control-protocol.md).
+fn pasids_query(backend: &IommuBackend, q: &Value) -> Value {
+    let shared = match backend.pasids() {
+        PasidService::Disabled => {
+            return json!({"mode": "disabled", "pasids": [], "sets": [], "next": null})
+        }
+        PasidService::Identity { bits } => {
+            return json!({"mode": "identity", "bits": bits, "pasids": [], "sets": [], "next": null})
+        }
+        PasidService::Global(shared) => shared,
+    };
+    let from = q
+        .get("from")
+        .and_then(Value::as_u64)
+        .map_or(0, |f| u32::try_from(f).unwrap_or(u32::MAX));
+    let limit = q
+        .get("limit")
+        .and_then(Value::as_u64)
+        .map_or(MAX_QUERY_PASIDS, |l| {
+            usize::try_from(l).map_or(MAX_QUERY_PASIDS, |l| l.min(MAX_QUERY_PASIDS))
+        });
+    let m = shared.lock();
+    let opts = m.options().clone();
+    let (quota, charged, leased) = m.usage();
+    let mut it = m.pasids().into_iter().filter(|p| p.host >= from);
+    let page: Vec<Value> = it
+        .by_ref()
+        .take(limit)
+        .map(|p| {
+            json!({
+                "host": p.host,
+                "guest": p.guest,
+                "state": if p.active { "active" } else { "inactive" },
+                "refs": p.refs,
+            })
+        })
+        .collect();
+    let next = it.next().map(|p| p.host);
+    // Host-wide sets only with the first page.
+    let sets = if from == 0 {
+        match m.host_sets() {
+            Ok(sets) => Value::Array(
+                sets.iter()
+                    .map(|s| {
+                        let mut v = crate::pasid_admin::set_json(s);
+                        v["this_daemon"] = json!(s.record.vm_id == opts.vm_id);
+                        v
+                    })
+                    .collect(),
+            ),
+            Err(e) => return json!({"error": format!("state database: {e}")}),
+        }
+    } else {
+        json!([])
+    };
+    json!({
+        "mode": "global",
+        "bits": opts.bits,
+        "vm_id": opts.vm_id,
+        "state_dir": opts.state_dir,
+        "quota": quota,
+        "charged": charged,
+        "leased": leased,
+        "pasids": page,
+        "next": next,
+        "sets": sets,
+    })
 }

@@ -73,6 +73,9 @@ pub enum CtlCommand {
     },
     /// Request, error, fault and client counters.
     Stats,
+    /// PASID sets of the host (VM, quota, live daemon) and this daemon's
+    /// PASIDs with state and references.
+    Pasids,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -103,6 +106,21 @@ pub fn run(args: CtlArgs) -> Result<u8, String> {
         CtlCommand::Endpoints => (q(json!({"cmd": "endpoints"}))?, 0),
         CtlCommand::Domains => (q(json!({"cmd": "domains"}))?, 0),
         CtlCommand::Stats => (q(json!({"cmd": "stats"}))?, 0),
+        CtlCommand::Pasids => {
+            let mut doc = q(json!({"cmd": "pasids"}))?;
+            while let Some(from) = doc.get("next").and_then(Value::as_u64) {
+                let page = q(json!({"cmd": "pasids", "from": from}))?;
+                let more = page["pasids"].as_array().cloned().unwrap_or_default();
+                if let Some(all) = doc["pasids"].as_array_mut() {
+                    all.extend(more);
+                }
+                doc["next"] = page["next"].clone();
+            }
+            if let Some(o) = doc.as_object_mut() {
+                o.remove("next");
+            }
+            (doc, 0)
+        }
         CtlCommand::Mappings { domain } => {
             let mut doc = q(json!({"cmd": "mappings", "domain": domain}))?;
             // Large domains come in pages.
@@ -266,6 +284,36 @@ fn print_table(cmd: &CtlCommand, doc: &Value) {
             }
         },
         CtlCommand::Fault { .. } => println!("fault queued on the guest's event queue"),
+        CtlCommand::Pasids => {
+            let mode = doc["mode"].as_str().unwrap_or("?");
+            if mode != "global" {
+                println!("PASID mode: {mode} (no host-wide set)");
+                return;
+            }
+            crate::pasid_admin::print_sets(&arr("sets"));
+            println!();
+            println!(
+                "this daemon: VM `{}`, quota {}, {} charged, {} host PASIDs leased",
+                doc["vm_id"].as_str().unwrap_or("?"),
+                doc["quota"],
+                doc["charged"],
+                doc["leased"]
+            );
+            println!(
+                "{:<10} {:<10} {:<9} {:>6}",
+                "HOST", "GUEST", "STATE", "REFS"
+            );
+            for p in arr("pasids") {
+                let guest = p["guest"].as_u64().map_or("-".into(), |g| g.to_string());
+                println!(
+                    "{:<10} {:<10} {:<9} {:>6}",
+                    p["host"],
+                    guest,
+                    p["state"].as_str().unwrap_or("?"),
+                    p["refs"]
+                );
+            }
+        }
         CtlCommand::Stats => {
             for section in ["requests", "errors", "faults"] {
                 if let Some(o) = doc[section].as_object() {

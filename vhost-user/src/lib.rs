@@ -9,4 +9,7 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod eventq;
+pub mod pasid_admin;
+pub mod pasid_manager;
+pub mod pasid_store;
 pub mod viot;

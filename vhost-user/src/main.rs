@@ -1,22 +1,56 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-device-iommu` command line entry point.
 
-use std::{process::ExitCode, sync::Arc};
+use std::{
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
 
 use clap::Parser;
 use log::error;
 use vhost_device_iommu::{
-    args::{Cli, Command},
+    args::{Cli, Command, DaemonArgs, PasidMode},
     backend::IommuBackend,
     control, ctl,
     daemon::{exit_on_signals, serve, Cleanup, SocketSource},
+    pasid_admin,
+    pasid_manager::{PasidManager, PasidOptions, PasidService, SharedPasids},
+    pasid_store::default_state_dir,
     viot,
 };
+
+/// Opens this VM's PASID set as the options ask. Any problem with the
+/// state directory ends the daemon here, before it serves a guest.
+fn pasid_service(args: &DaemonArgs) -> Result<PasidService, String> {
+    if args.pasid_quota == 0 {
+        return Ok(PasidService::Disabled);
+    }
+    if args.pasid_mode == PasidMode::Identity {
+        return Ok(PasidService::Identity {
+            bits: args.pasid_bits,
+        });
+    }
+    let state_dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => default_state_dir().map_err(|e| e.to_string())?,
+    };
+    let options = PasidOptions {
+        vm_id: args.vm_id()?,
+        bits: args.pasid_bits,
+        quota: args.pasid_quota,
+        state_dir,
+    };
+    let manager = PasidManager::open(options).map_err(|e| format!("PASID allocator: {e}"))?;
+    Ok(PasidService::Global(SharedPasids(Arc::new(Mutex::new(
+        manager,
+    )))))
+}
 
 fn run(cli: Cli) -> Result<(), String> {
     let args = cli.daemon;
     let config = args.device_config().map_err(|e| e.to_string())?;
     let backend = IommuBackend::new(config, args.backend_options()).map_err(|e| e.to_string())?;
+    backend.install_pasids(pasid_service(&args)?);
     let cleanup = Cleanup::default();
     let source = match (&args.socket_path, args.socket_fd) {
         (Some(path), _) => {
@@ -43,6 +77,11 @@ fn main() -> ExitCode {
         Some(Command::Ctl(args)) => ctl::run(args).map(ExitCode::from).map_err(|e| {
             eprintln!("error: {e}");
         }),
+        Some(Command::PasidAdmin(args)) => {
+            pasid_admin::run(args).map(ExitCode::from).map_err(|e| {
+                eprintln!("error: {e}");
+            })
+        }
         Some(Command::Viot(args)) => viot::run(&args)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| eprintln!("error: {e}")),

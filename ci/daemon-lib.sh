@@ -17,7 +17,8 @@
 #                                    daemon in the background (RUST_LOG=debug,
 #                                    or $VDI_RUST_LOG),
 #                                    waits for its socket(s); sets VDI_DAEMON_PID.
-#                                    CTL "" = no control socket.
+#                                    CTL "" = no control socket.  The daemon's
+#                                    PASID state goes to SOCK's directory.
 #   vdi_daemon_stop                  SIGTERM, wait; returns the daemon's status
 #   vdi_viot OUT IOMMU_BDF ENDPOINTS writes a VIOT with the daemon binary
 #   vdi_qemu_start TIMEOUT_S CONSOLE DIR QEMU_ARGS...
@@ -65,6 +66,11 @@ vdi_daemon_start() {
     shift 3
     local args=(--socket-path "$sock")
     [[ -n "$ctl" ]] && args+=(--control-socket "$ctl")
+    # Keep the daemon's host-wide PASID state (default /var/lib/...) out of
+    # the host: a private state directory next to the socket, if supported.
+    if "$VDI_DAEMON_BIN" --help 2>/dev/null | grep -q -- '--state-dir'; then
+        args+=(--state-dir "$(dirname "$sock")/pasid-state")
+    fi
     rm -f "$sock" "$ctl"
     local pin=()
     [[ -n "${VDI_DAEMON_CPUS:-}" ]] && pin=(taskset -c "$VDI_DAEMON_CPUS")

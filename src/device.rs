@@ -10,7 +10,7 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-use log::debug;
+use log::{debug, trace};
 use vm_memory::ByteValued;
 
 use crate::{
@@ -468,6 +468,10 @@ impl Viommu {
         });
         domain.endpoints.push(endpoint);
         self.endpoints.insert(endpoint, domain_id);
+        debug!(
+            "ATTACH endpoint {endpoint} to {} domain {domain_id}",
+            if bypass { "bypass" } else { "paging" }
+        );
         self.record(StateChange::Attach {
             endpoint,
             domain: domain_id,
@@ -505,6 +509,7 @@ impl Viommu {
             });
         }
         self.remove_endpoint(endpoint, domain_id);
+        debug!("DETACH endpoint {endpoint} from domain {domain_id}");
         Ok(())
     }
 
@@ -568,6 +573,7 @@ impl Viommu {
             domain.mappings.insert(mapping);
         }
         self.record(StateChange::Map(domain_id, mapping));
+        trace!("MAP domain {domain_id} {start:#x}-{end:#x} -> {phys:#x} flags {flags:#x}");
         Ok(())
     }
 
@@ -592,7 +598,9 @@ impl Viommu {
         if domain.mappings.would_split(start, end) {
             return Err(RequestError::WouldSplit { start, end });
         }
-        if domain.mappings.remove_range(start, end) > 0 {
+        let removed = domain.mappings.remove_range(start, end);
+        trace!("UNMAP domain {domain_id} {start:#x}-{end:#x}: {removed} mappings");
+        if removed > 0 {
             self.record(StateChange::Unmap {
                 domain: domain_id,
                 virt_start: start,
@@ -635,6 +643,10 @@ impl Viommu {
             }
             at += bytes.len();
         }
+        debug!(
+            "PROBE endpoint {endpoint}: {} RESV_MEM properties",
+            self.config.reserved_regions.len()
+        );
         Ok(())
     }
 }

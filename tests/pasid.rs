@@ -356,3 +356,22 @@ impl Drop for Unmount {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+#[test]
+fn clean_exit_returns_the_vms_pasids_to_the_host() {
+    let state = tempfile::tempdir().unwrap();
+    let mut d = start(&state_args(state.path(), "vm-gone"));
+    let mut g = Guest::connect(&d.socket, GuestOptions::default());
+    assert_eq!(g.pasid_alloc(1, 1000).0, VIRTIO_IOMMU_S_OK);
+    drop(g);
+    let listed = admin(state.path(), &["list"]).to_string();
+    assert!(listed.contains("vm-gone"), "{listed}");
+    assert!(d.signal_and_wait("TERM").success());
+    assert!(
+        d.log_text().contains("VM vm-gone ended"),
+        "{}",
+        d.log_text()
+    );
+    let listed = admin(state.path(), &["list"]).to_string();
+    assert!(!listed.contains("vm-gone"), "set left behind: {listed}");
+}

@@ -41,21 +41,42 @@ pub enum SocketSource {
     Fd(i32),
 }
 
-/// Files removed when the daemon exits on a signal.
+type ExitHook = Box<dyn FnOnce() + Send>;
+
+/// What the daemon undoes when it exits on a signal: files it created
+/// and hooks (such as giving the VM's PASIDs back to the host).
 #[derive(Clone, Default)]
-pub struct Cleanup(Arc<Mutex<Vec<PathBuf>>>);
+pub struct Cleanup {
+    files: Arc<Mutex<Vec<PathBuf>>>,
+    hooks: Arc<Mutex<Vec<ExitHook>>>,
+}
 
 impl Cleanup {
     pub fn add(&self, path: &Path) {
-        self.0
+        self.files
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(path.to_owned());
     }
 
+    pub fn on_exit(&self, hook: impl FnOnce() + Send + 'static) {
+        self.hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(hook));
+    }
+
     fn run(&self) {
-        for p in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for p in self.files.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = std::fs::remove_file(p);
+        }
+        for hook in self
+            .hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            hook();
         }
     }
 }
@@ -122,6 +143,10 @@ pub fn serve(backend: Arc<IommuBackend>, source: SocketSource) -> Result<(), Dae
         backend.set_frontend_connected(true);
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
+            // A VMM that exits (the guest powered off) just hangs up.
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("frontend disconnected"),
             Err(e) => warn!("frontend connection ended: {e}"),
         }
         for handler in daemon.get_epoll_handlers() {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use clap::Parser;
-use log::error;
+use log::{error, info};
 use vhost_device_iommu::{
     args::{Cli, Command, DaemonArgs, PasidMode},
     backend::IommuBackend,
@@ -50,8 +50,21 @@ fn run(cli: Cli) -> Result<(), String> {
     let args = cli.daemon;
     let config = args.device_config().map_err(|e| e.to_string())?;
     let backend = IommuBackend::new(config, args.backend_options()).map_err(|e| e.to_string())?;
-    backend.install_pasids(pasid_service(&args)?);
+    let pasids = pasid_service(&args)?;
     let cleanup = Cleanup::default();
+    if let PasidService::Global(shared) = &pasids {
+        // A clean exit means the VM is gone: its PASIDs go back to the
+        // host. After a crash they wait for a restart to recover them.
+        let shared = SharedPasids(shared.0.clone());
+        cleanup.on_exit(move || match shared.lock().end_vm() {
+            Ok(r) => info!(
+                "VM {} ended: {} PASIDs and {} leased returned",
+                r.vm_id, r.pasids, r.leased
+            ),
+            Err(e) => error!("returning the VM's PASIDs: {e}"),
+        });
+    }
+    backend.install_pasids(pasids);
     let source = match (&args.socket_path, args.socket_fd) {
         (Some(path), _) => {
             cleanup.add(path);

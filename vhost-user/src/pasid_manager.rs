@@ -270,6 +270,15 @@ impl PasidManager {
         self.translator.unmap(&mut self.alloc, self.set, guest)
     }
 
+    /// The VM is gone (the daemon exits cleanly): its set, PASIDs and
+    /// leases go back to the host. A daemon that dies without this (SIGKILL)
+    /// leaves them for a restart with the same VM id to recover.
+    pub fn end_vm(&mut self) -> Result<Reclaimed, StoreError> {
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        // We hold the VM's lock: no other daemon serves it.
+        store.reclaim(&self.options.vm_id)
+    }
+
     /// Frees every active PASID of the set, as the owner: the guest driver
     /// was reset and forgot them. Returns how many.
     pub fn free_all(&mut self) -> Result<u32, PasidError> {

@@ -60,7 +60,9 @@ impl FrameReader {
             match self.try_next()? {
                 Polled::Message(m) => return Ok(Some(m)),
                 Polled::Closed => return Ok(None),
-                Polled::Empty if Instant::now() < deadline => std::hint::spin_loop(),
+                // Yield while spinning: on a small host the peer may need
+                // this core to produce what we wait for.
+                Polled::Empty if Instant::now() < deadline => std::thread::yield_now(),
                 Polled::Empty => break,
             }
         }

@@ -188,7 +188,8 @@ impl Hub {
         // (bounded like the request queue's polling) before sleeping.
         let spin_until = Instant::now() + spin;
         while clients.iter().any(|c| c.waits_for_acks()) && Instant::now() < spin_until {
-            std::hint::spin_loop();
+            // Yield: the threads that deliver the acks may need this core.
+            thread::yield_now();
         }
         let deadline = Instant::now() + self.timeout;
         let mut guard = lock(&self.acked);

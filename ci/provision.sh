@@ -422,6 +422,7 @@ vdi_build_initramfs() (
     mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run,etc/vdi,lib/modules}
     cp "${VDI_BUSYBOX:-$(vdi__busybox_path)}" "$stage/bin/busybox"
     install -m 0755 "$VDI_CI_DIR/guest/init" "$stage/init"
+    install -m 0644 "$VDI_CI_DIR/guest/lib.sh" "$stage/etc/vdi/lib.sh"
     cp "${VDI_GUEST_BIN:-$(vdi__guest_bin_dir)}"/* "$stage/bin/"
     rm -f "$stage/bin/.complete"
     # shellcheck disable=SC2086  # word splitting of the module list is intended
@@ -447,7 +448,7 @@ vdi__ensure_initramfs() {
     local i="$1" kdir key out
     kdir="$(vdi__kernel_dir "$i")"
     key="$( (cat "$kdir/release" "$kdir/debver"; echo "$VDI_DEFAULT_MODULES $VDI_MODULE_PARAMS"
-        vdi__busybox_path; vdi__guest_bin_dir; cat "$VDI_CI_DIR/guest/init" "${BASH_SOURCE[0]}") |
+        vdi__busybox_path; vdi__guest_bin_dir; cat "$VDI_CI_DIR/guest/init" "$VDI_CI_DIR/guest/lib.sh" "${BASH_SOURCE[0]}") |
         sha256sum | cut -c1-16)"
     out="$VDI_CACHE/initramfs/$(cat "$kdir/release")-$key.cpio.gz"
     if [[ ! -e "$out" ]]; then

@@ -26,9 +26,8 @@ for arg in $cmdline; do
     esac
 done
 
-pass() { echo "VDI-RESULT PASS $*"; }
-fail() { echo "VDI-RESULT FAIL $*"; }
-kmsg() { dmesg | sed 's/^\[[ 0-9.]*\] //'; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. /etc/vdi/lib.sh
 
 # Host line channel: keep /dev/ttyS1 open for the whole test (closing a tty
 # drops its unread input) and do not echo back what the host writes.
@@ -55,17 +54,8 @@ bind_vfio() {
 
 group_of() { basename "$(readlink "/sys/bus/pci/devices/$1/iommu_group" 2>/dev/null)" 2>/dev/null; }
 
-# 1. The virtio-iommu driver probed the daemon's device.
-probe="$(kmsg | grep -E '^virtio_iommu virtio[0-9]+: (input address|page mask)' | tr '\n' ' ')"
-viommu=""
-for d in /sys/bus/virtio/drivers/virtio_iommu/virtio*; do
-    [ -e "$d" ] && viommu="$(basename "$d")" && break
-done
-if [ -n "$probe" ] && [ -n "$viommu" ]; then
-    pass driver-probe "$viommu: $probe"
-else
-    fail driver-probe "no virtio_iommu probe message / bound device"
-fi
+# 1. The virtio-iommu driver probed the device.
+check_driver_probe
 
 # 2. The endpoint's IOMMU group carries the x86 MSI window the daemon
 #    reported in its PROBE reply (RESV_MEM, subtype MSI).

@@ -20,21 +20,11 @@ for arg in $cmdline; do
     esac
 done
 
-pass() { echo "VDI-RESULT PASS $*"; }
-fail() { echo "VDI-RESULT FAIL $*"; }
-kmsg() { dmesg | sed 's/^\[[ 0-9.]*\] //'; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. /etc/vdi/lib.sh
 
-# 1. The virtio-iommu driver probed (it logs the input range and page mask).
-probe="$(kmsg | grep -E '^virtio_iommu virtio[0-9]+: (input address|page mask)' | tr '\n' ' ')"
-viommu=""
-for d in /sys/bus/virtio/drivers/virtio_iommu/virtio*; do
-    [ -e "$d" ] && viommu="$(basename "$d")" && break
-done
-if [ -n "$probe" ] && [ -n "$viommu" ]; then
-    pass driver-probe "$viommu: $probe"
-else
-    fail driver-probe "no virtio_iommu probe message / bound device"
-fi
+# 1. The virtio-iommu driver probed the device.
+check_driver_probe
 
 # 2. VFIO type1 mappings (this also binds $DEV to vfio-pci, which on 6.12 is
 #    what creates its IOMMU group and attaches it).

@@ -83,7 +83,7 @@ pub struct IommuBackend {
     mem: RwLock<Option<Mem>>,
     events: Mutex<EventQueue>,
     requestq: Mutex<RequestQueueState>,
-    event_idx: AtomicBool,
+
     options: BackendOptions,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     hub: Arc<Hub>,
@@ -91,7 +91,7 @@ pub struct IommuBackend {
     pasids: RwLock<PasidService>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere must not take the device down with it.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -107,7 +107,7 @@ impl IommuBackend {
                 buf: Request::new(),
                 ..Default::default()
             }),
-            event_idx: AtomicBool::new(false),
+
             options,
             exit: Mutex::new(None),
             hub: Arc::new(Hub::new(options.client_timeout)),
@@ -414,8 +414,9 @@ impl VhostUserBackend for IommuBackend {
         lock(&self.requestq).stopped_at = None;
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library already told the vrings, which is all EVENT_IDX
+        // changes for this device.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

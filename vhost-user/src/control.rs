@@ -21,7 +21,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc, Condvar, Mutex, MutexGuard,
+        Arc, Condvar, Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -40,7 +40,10 @@ use viommu::{
 
 use viommu_client::frame::FrameReader;
 
-use crate::{backend::IommuBackend, pasid_manager::PasidService};
+use crate::{
+    backend::{lock, IommuBackend},
+    pasid_manager::PasidService,
+};
 
 /// Most clients connected at once.
 pub const MAX_CLIENTS: usize = 64;
@@ -48,10 +51,6 @@ pub const MAX_CLIENTS: usize = 64;
 pub const MAX_QUERY_MAPPINGS: usize = 10_000;
 /// A client must say HELLO within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// One connected client.
 pub struct ClientConn {

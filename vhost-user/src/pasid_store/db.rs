@@ -360,21 +360,8 @@ impl Store {
             for r in rows {
                 rec.leases.push(r.map_err(err)?);
             }
-            let mut st = tx
-                .prepare("SELECT host, guest FROM pasids WHERE vm_id = ?1 ORDER BY host")
-                .map_err(err)?;
-            let rows = st
-                .query_map([vm_id], |r| {
-                    Ok(PasidRecord {
-                        host: r.get(0)?,
-                        guest: r.get(1)?,
-                        active: true,
-                    })
-                })
-                .map_err(err)?;
-            for r in rows {
-                rec.pasids.push(r.map_err(err)?);
-            }
+            // Only active PASIDs are left after the delete above.
+            rec.pasids = read_pasids(&tx, vm_id).map_err(err)?;
         }
         tx.commit().map_err(err)?;
         Ok(rec)
@@ -566,22 +553,7 @@ impl Store {
 
     /// The recorded PASIDs of `vm_id`, by host PASID.
     pub fn pasids(&mut self, vm_id: &str) -> Result<Vec<PasidRecord>, StoreError> {
-        let path = self.path.clone();
-        let err = |e| StoreError::sqlite(&path, e);
-        let mut st = self
-            .conn
-            .prepare("SELECT host, guest, active FROM pasids WHERE vm_id = ?1 ORDER BY host")
-            .map_err(err)?;
-        let rows = st
-            .query_map([vm_id], |r| {
-                Ok(PasidRecord {
-                    host: r.get(0)?,
-                    guest: r.get(1)?,
-                    active: r.get(2)?,
-                })
-            })
-            .map_err(err)?;
-        rows.collect::<Result<_, _>>().map_err(err)
+        read_pasids(&self.conn, vm_id).map_err(|e| StoreError::sqlite(&self.path, e))
     }
 
     /// Deletes `vm_id`'s set with its PASIDs and leases. The caller must
@@ -671,4 +643,18 @@ fn initialize(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(err)?;
     tx.commit().map_err(err)
+}
+
+/// The `pasids` rows of `vm_id`, by host PASID (inside a transaction or not).
+fn read_pasids(conn: &Connection, vm_id: &str) -> rusqlite::Result<Vec<PasidRecord>> {
+    let mut st =
+        conn.prepare("SELECT host, guest, active FROM pasids WHERE vm_id = ?1 ORDER BY host")?;
+    let rows = st.query_map([vm_id], |r| {
+        Ok(PasidRecord {
+            host: r.get(0)?,
+            guest: r.get(1)?,
+            active: r.get(2)?,
+        })
+    })?;
+    rows.collect()
 }

@@ -117,15 +117,7 @@ else
     kmsg | grep 'fault from EP' | sed 's/^/VDI-FAULT /'
 
     # 6. Short MAP+UNMAP benchmark (many requests through the daemon).
-    vfio-map --device "$DEV" --iova 0x30000000 --bench "$BENCH" >/tmp/bench.out 2>&1
-    rc=$?
-    cat /tmp/bench.out
-    rate="$(sed -n 's/^vfio-map: BENCH .*pairs\/s=\([0-9.]*\).*/\1/p' /tmp/bench.out)"
-    if [ "$rc" = 0 ] && [ -n "$rate" ]; then
-        pass bench "pairs=$BENCH pairs/s=$rate"
-    else
-        fail bench "rc=$rc $(grep -m1 ERROR /tmp/bench.out)"
-    fi
+    check_bench "$DEV" "$BENCH"
 
     # 7. Hot-unplug of HPDEV by the host.
     if [ -n "$HPDEV" ]; then

@@ -22,3 +22,16 @@ check_driver_probe() {
         fail driver-probe "no virtio_iommu probe message / bound device"
     fi
 }
+
+# check_bench DEV PAIRS: PAIRS VFIO MAP+UNMAP pairs of 4 KiB through the IOMMU.
+check_bench() {
+    vfio-map --device "$1" --iova 0x30000000 --bench "$2" >/tmp/bench.out 2>&1
+    rc=$?
+    cat /tmp/bench.out
+    rate="$(sed -n 's/^vfio-map: BENCH .*pairs\/s=\([0-9.]*\).*/\1/p' /tmp/bench.out)"
+    if [ "$rc" = 0 ] && [ -n "$rate" ]; then
+        pass bench "pairs=$2 pairs/s=$rate"
+    else
+        fail bench "rc=$rc $(grep -m1 ERROR /tmp/bench.out)"
+    fi
+}

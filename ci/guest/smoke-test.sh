@@ -65,15 +65,7 @@ else
 fi
 
 # 5. MAP+UNMAP benchmark.
-vfio-map --device "$DEV" --iova 0x30000000 --bench "$BENCH" >/tmp/bench.out 2>&1
-rc=$?
-cat /tmp/bench.out
-rate="$(sed -n 's/^vfio-map: BENCH .*pairs\/s=\([0-9.]*\).*/\1/p' /tmp/bench.out)"
-if [ "$rc" = 0 ] && [ -n "$rate" ]; then
-    pass bench "pairs=$BENCH pairs/s=$rate"
-else
-    fail bench "rc=$rc $(grep -m1 ERROR /tmp/bench.out)"
-fi
+check_bench "$DEV" "$BENCH"
 
 # 6. No fault / error reports from the virtio-iommu driver or the IOMMU core.
 faults="$(kmsg | grep -E 'fault from EP|invalid event|could not add event|virtio_iommu.*(error|fail)|DMAR.*fault|IO_PAGE_FAULT' | head -n 5)"

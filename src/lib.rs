@@ -3,10 +3,11 @@
 //!
 //! This crate owns the guest-visible IOMMU state (endpoints, domains,
 //! mappings, bypass), the wire formats of virtio-iommu 1.3 and of the
-//! project's PASID / page-request extension profile, and the host PASID
-//! allocator. It performs no I/O of its own: no sockets, no threads, no
-//! global state. Transports (the vhost-user daemon, tests, benchmarks) feed
-//! it request bytes and carry its answers back.
+//! project's PASID / page-request extension profile, the host PASID
+//! allocator, and the life of page-request groups. It performs no I/O of
+//! its own: no sockets, no threads, no global state. Transports (the
+//! vhost-user daemon, tests, benchmarks) feed it request bytes and carry
+//! its answers back.
 //!
 //! The only `unsafe` in the crate is the `ByteValued` marker on the wire
 //! structs (`wire.rs`), each preceded by compile-time proof that the struct
@@ -20,6 +21,7 @@ pub mod device;
 pub mod error;
 pub mod mapping;
 pub mod pasid;
+pub mod prq;
 pub mod translate;
 pub mod wire;
 

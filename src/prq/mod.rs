@@ -593,37 +593,38 @@ impl PageRequests {
     }
 
     fn insert_partial(&mut self, key: GroupKey, p: Partial) {
-        self.deadlines
-            .insert((p.since.saturating_add(self.limits.partial_timeout), key));
+        self.deadlines.insert((p.deadline(&self.limits), key));
         self.partial.insert(key, p);
     }
 
     fn remove_partial(&mut self, key: &GroupKey) -> Option<Partial> {
         let p = self.partial.remove(key)?;
-        self.deadlines
-            .remove(&(p.since.saturating_add(self.limits.partial_timeout), *key));
+        self.deadlines.remove(&(p.deadline(&self.limits), *key));
         Some(p)
     }
 
     fn insert_in_flight(&mut self, key: GroupKey, g: InFlight) {
-        if let Some(timeout) = self.limits.response_timeout {
-            self.deadlines
-                .insert((g.since.saturating_add(timeout), key));
+        if let Some(deadline) = g.deadline(&self.limits) {
+            self.deadlines.insert((deadline, key));
         }
         self.in_flight.insert(key, g);
     }
 
     fn remove_in_flight(&mut self, key: &GroupKey) -> Option<InFlight> {
         let g = self.in_flight.remove(key)?;
-        if let Some(timeout) = self.limits.response_timeout {
-            self.deadlines
-                .remove(&(g.since.saturating_add(timeout), *key));
+        if let Some(deadline) = g.deadline(&self.limits) {
+            self.deadlines.remove(&(deadline, *key));
         }
         Some(g)
     }
 }
 
 impl Partial {
+    /// When it is forgotten if its LAST has not come.
+    fn deadline(&self, limits: &Limits) -> Duration {
+        self.since.saturating_add(limits.partial_timeout)
+    }
+
     /// Keeps `record` if the group has room for it (`keep` records before
     /// LAST); otherwise the group overflows and lets go of its records.
     fn add(&mut self, record: Record, keep: usize, counters: &mut Counters) {
@@ -634,6 +635,15 @@ impl Partial {
         counters.requests_dropped += 1 + self.records.len() as u64;
         self.overflowed = true;
         self.records = Vec::new();
+    }
+}
+
+impl InFlight {
+    /// When it is answered if the guest has not.
+    fn deadline(&self, limits: &Limits) -> Option<Duration> {
+        limits
+            .response_timeout
+            .map(|t| self.since.saturating_add(t))
     }
 }
 

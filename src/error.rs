@@ -4,7 +4,7 @@
 
 use thiserror::Error;
 
-use crate::{pasid::PasidError, wire::*};
+use crate::{pasid::PasidError, prq::GroupKey, wire::*};
 
 /// A request the device understood but refused; [`RequestError::status`]
 /// says which status code the guest sees.
@@ -127,6 +127,13 @@ pub enum RequestError {
     /// The host PASID service failed.
     #[error("host PASID allocator failure")]
     PasidBackend,
+    /// PAGE_RESP with a code other than SUCCESS, INVALID or FAILURE.
+    #[error("unknown page response code {0}")]
+    UnknownResponseCode(u16),
+    /// PAGE_RESP for a group that is not in flight (never raised, already
+    /// answered, or its source is gone).
+    #[error("no page-request group in flight for {0}")]
+    NoSuchPageGroup(GroupKey),
 }
 
 impl From<&PasidError> for RequestError {
@@ -169,12 +176,13 @@ impl RequestError {
             | Overlap { .. }
             | ProbeBufferTooSmall { .. }
             | WritableTooSmall { .. }
+            | UnknownResponseCode(_)
             | PasidState => VIRTIO_IOMMU_S_INVAL,
             PasidUnknown => VIRTIO_IOMMU_S_NOENT,
             PasidRange => VIRTIO_IOMMU_S_RANGE,
             PasidNoSpace => VIRTIO_IOMMU_S_NOMEM,
             PasidBackend => VIRTIO_IOMMU_S_DEVERR,
-            NoSuchEndpoint(_) | NoSuchDomain(_) => VIRTIO_IOMMU_S_NOENT,
+            NoSuchEndpoint(_) | NoSuchDomain(_) | NoSuchPageGroup(_) => VIRTIO_IOMMU_S_NOENT,
             DomainOutOfRange(_)
             | Misaligned(_)
             | OutsideInputRange { .. }

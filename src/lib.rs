@@ -3,12 +3,13 @@
 //!
 //! This crate owns the guest-visible IOMMU state (endpoints, domains,
 //! mappings, bypass), the wire formats of virtio-iommu 1.3 and of the
-//! project's extension profile (docs/extension-spec.md), and the in-memory
-//! host PASID allocator. It performs no I/O of its own: no sockets, no
-//! threads, no global state, no clock. Transports (the vhost-user daemon,
-//! tests, benchmarks) feed it request bytes and carry its answers back;
-//! the control protocol that serves VMM-side clients is a crate of its own
-//! (`viommu-protocol`) built on these types.
+//! project's extension profile (docs/extension-spec.md), the in-memory
+//! host PASID allocator, and the life of page-request groups. It performs
+//! no I/O of its own: no sockets, no threads, no global state, no clock.
+//! Transports (the vhost-user daemon, tests, benchmarks) feed it request
+//! bytes and carry its answers back; the control protocol that serves
+//! VMM-side clients is a crate of its own (`viommu-protocol`) built on
+//! these types.
 //!
 //! The only `unsafe` in the crate is the `ByteValued` marker on the wire
 //! structs (`wire.rs`), each preceded by compile-time proof that the struct
@@ -24,6 +25,7 @@ pub mod error;
 pub mod mapping;
 pub mod parse;
 pub mod pasid;
+pub mod prq;
 pub mod translate;
 pub mod wire;
 

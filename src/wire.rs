@@ -30,6 +30,11 @@ pub const VIRTIO_IOMMU_F_BYPASS_CONFIG: u32 = 6;
 /// requests, for guests that must use host PASIDs directly.
 pub const VIRTIO_IOMMU_F_PASID_ALLOC: u32 = 11;
 
+/// PROJECT EXTENSION (reference `virtio-iommu.md` §2.12): the device may
+/// emit page requests (the 48-byte [`FaultRecordExt`]) and accepts
+/// PAGE_RESP.
+pub const VIRTIO_IOMMU_F_PAGE_REQUEST: u32 = 10;
+
 // Request types.
 /// ATTACH: put an endpoint in a domain.
 pub const VIRTIO_IOMMU_T_ATTACH: u8 = 1;
@@ -41,6 +46,8 @@ pub const VIRTIO_IOMMU_T_MAP: u8 = 3;
 pub const VIRTIO_IOMMU_T_UNMAP: u8 = 4;
 /// PROBE: an endpoint's properties.
 pub const VIRTIO_IOMMU_T_PROBE: u8 = 5;
+/// Answer to a page-request group (RFC-2021-04 number, project layout).
+pub const VIRTIO_IOMMU_T_PAGE_RESP: u8 = 8;
 /// PROJECT EXTENSION: allocate a host PASID for the guest.
 pub const VIRTIO_IOMMU_T_PASID_ALLOC: u8 = 10;
 /// PROJECT EXTENSION: free a PASID the guest allocated.
@@ -86,6 +93,18 @@ pub const VIRTIO_IOMMU_PROBE_T_MASK: u16 = 0xfff;
 pub const VIRTIO_IOMMU_RESV_MEM_T_RESERVED: u8 = 0;
 /// RESV_MEM subtype: the MSI doorbell window.
 pub const VIRTIO_IOMMU_RESV_MEM_T_MSI: u8 = 1;
+/// PROJECT EXTENSION: the endpoint's page-request capabilities
+/// ([`ProbePageRequest`]).
+pub const VIRTIO_IOMMU_PROBE_T_PAGE_REQUEST: u16 = 8;
+/// `ProbePageRequest::flags`: the endpoint can issue recoverable page
+/// requests.
+pub const VIRTIO_IOMMU_PROBE_PAGE_REQUEST_F_PRI: u32 = 1 << 0;
+/// `ProbePageRequest::flags`: a PAGE_RESP for a group that carried a PASID
+/// must carry it too (PCIe "PRG Response PASID Required").
+pub const VIRTIO_IOMMU_PROBE_PAGE_REQUEST_F_RESP_PASID: u32 = 1 << 1;
+/// `ProbePageRequest::flags`: the endpoint stalls on faults (SMMU stall
+/// model) rather than using PCIe PRI.
+pub const VIRTIO_IOMMU_PROBE_PAGE_REQUEST_F_STALL: u32 = 1 << 2;
 
 /// Fault reason: internal or unclassifiable.
 pub const VIRTIO_IOMMU_FAULT_R_UNKNOWN: u8 = 0;
@@ -101,6 +120,30 @@ pub const VIRTIO_IOMMU_FAULT_F_WRITE: u32 = 1 << 1;
 pub const VIRTIO_IOMMU_FAULT_F_EXEC: u32 = 1 << 2;
 /// Fault flag: `address` is valid.
 pub const VIRTIO_IOMMU_FAULT_F_ADDRESS: u32 = 1 << 8;
+
+// Extended fault record flags (Brucker's 2021 proposal, reference §2.8).
+/// The access was privileged.
+pub const VIRTIO_IOMMU_FAULT_F_PRIVILEGED: u32 = 1 << 3;
+/// Last request of its page-request group: the group is answered after it.
+pub const VIRTIO_IOMMU_FAULT_F_LAST: u32 = 1 << 4;
+/// A recoverable page request, to be answered with PAGE_RESP.
+pub const VIRTIO_IOMMU_FAULT_F_PAGE_REQ: u32 = 1 << 5;
+/// `FaultRecordExt::pasid` is valid.
+pub const VIRTIO_IOMMU_FAULT_F_PASID: u32 = 1 << 9;
+/// `FaultRecordExt::group_id` is valid.
+pub const VIRTIO_IOMMU_FAULT_F_GROUP_ID: u32 = 1 << 10;
+/// `FaultRecordExt::private_data` is valid.
+pub const VIRTIO_IOMMU_FAULT_F_PRIV_DATA: u32 = 1 << 11;
+
+// PAGE_RESP flags and codes (PROJECT EXTENSION, reference §2.12).
+/// `PageRespReq::pasid` is valid.
+pub const VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID: u32 = 1 << 0;
+/// The pages are mapped: the device retries its accesses.
+pub const VIRTIO_IOMMU_PAGE_RESP_SUCCESS: u16 = 0;
+/// The pages cannot be mapped: the device must not retry them.
+pub const VIRTIO_IOMMU_PAGE_RESP_INVALID: u16 = 1;
+/// Fatal error: the device stops issuing page requests until reset.
+pub const VIRTIO_IOMMU_PAGE_RESP_FAILURE: u16 = 2;
 
 /// Declares a wire structure once: the `#[repr(C)]` struct, and its
 /// `ByteValued` implementation after proving at compile time that the
@@ -355,6 +398,78 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// Brucker's extended event record (48 bytes, reference §2.8), used for
+    /// every event once `VIRTIO_IOMMU_F_PAGE_REQUEST` is negotiated. Its first
+    /// 24 bytes are a [`FaultRecord`] whose `reserved1` carries the PASID, so
+    /// a driver that reads only those still finds reason, flags, endpoint and
+    /// address where the spec puts them.
+    pub struct FaultRecordExt (size = 48) {
+        /// `VIRTIO_IOMMU_FAULT_R_*`.
+        pub reason: u8,
+        /// Zero.
+        pub reserved: [u8; 3],
+        /// `VIRTIO_IOMMU_FAULT_F_*`.
+        pub flags: Le32,
+        /// Endpoint that issued the access.
+        pub endpoint: Le32,
+        /// PASID of the access, valid with `VIRTIO_IOMMU_FAULT_F_PASID`.
+        pub pasid: Le32,
+        /// Faulting (page) address, valid with `VIRTIO_IOMMU_FAULT_F_ADDRESS`.
+        pub address: Le64,
+        /// Page-request group index, valid with `VIRTIO_IOMMU_FAULT_F_GROUP_ID`.
+        pub group_id: Le16,
+        /// Zero.
+        pub reserved1: [u8; 6],
+        /// `private_data[0]`: VT-d page-request private data, valid with
+        /// `VIRTIO_IOMMU_FAULT_F_PRIV_DATA`. (Two fields because vm-memory
+        /// makes arrays of primitives only `ByteValued`.)
+        pub private_data0: Le64,
+        /// `private_data[1]`.
+        pub private_data1: Le64,
+    }
+}
+
+wire_struct! {
+    /// `struct virtio_iommu_req_page_resp` (PROJECT EXTENSION, 32 bytes): the
+    /// driver's answer to one page-request group, RFC-2021-04 as fixed in its
+    /// review (reference §2.12). 28 device-readable bytes, then the tail.
+    pub struct PageRespReq (size = 32) {
+        /// `type` = `VIRTIO_IOMMU_T_PAGE_RESP`.
+        pub head: ReqHead,
+        /// Endpoint of the group.
+        pub endpoint: Le32,
+        /// PASID of the group, valid with `VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID`.
+        pub pasid: Le32,
+        /// `VIRTIO_IOMMU_PAGE_RESP_F_*`.
+        pub flags: Le32,
+        /// Group index from the group's events.
+        pub group_id: Le16,
+        /// `VIRTIO_IOMMU_PAGE_RESP_{SUCCESS,INVALID,FAILURE}`.
+        pub code: Le16,
+        /// Must be zero.
+        pub reserved: [u8; 8],
+        /// Written by the device.
+        pub tail: ReqTail,
+    }
+}
+
+wire_struct! {
+    /// PROBE property `VIRTIO_IOMMU_PROBE_T_PAGE_REQUEST` (PROJECT EXTENSION,
+    /// 16 bytes with its header, keeping properties 8-byte aligned).
+    pub struct ProbePageRequest (size = 16) {
+        /// `prop_type` = 8, `length` = 12.
+        pub head: ProbeProperty,
+        /// `VIRTIO_IOMMU_PROBE_PAGE_REQUEST_F_*`.
+        pub flags: Le32,
+        /// Most page-request groups the endpoint may have in flight; further
+        /// groups are answered INVALID by the device.
+        pub max_outstanding_groups: Le32,
+        /// Zero.
+        pub reserved: [u8; 4],
+    }
+}
+
 impl ReqHead {
     /// The head of a request of `req_type`.
     pub fn new(req_type: u8) -> Self {
@@ -458,6 +573,41 @@ impl PasidFreeReq {
     }
 }
 
+impl PageRespReq {
+    /// A PAGE_RESP for group `group_id` of `endpoint`, with the PASID (and
+    /// `VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID`) when the group carried one.
+    pub fn new(endpoint: u32, pasid: Option<u32>, group_id: u16, code: u16) -> Self {
+        PageRespReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_PAGE_RESP),
+            endpoint: endpoint.into(),
+            pasid: pasid.unwrap_or(0).into(),
+            flags: if pasid.is_some() {
+                VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID.into()
+            } else {
+                0.into()
+            },
+            group_id: group_id.into(),
+            code: code.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl ProbePageRequest {
+    /// The property as the device writes it.
+    pub fn new(flags: u32, max_outstanding_groups: u32) -> Self {
+        ProbePageRequest {
+            head: ProbeProperty {
+                prop_type: VIRTIO_IOMMU_PROBE_T_PAGE_REQUEST.into(),
+                length: 12.into(),
+            },
+            flags: flags.into(),
+            max_outstanding_groups: max_outstanding_groups.into(),
+            reserved: [0; 4],
+        }
+    }
+}
+
 /// The device-readable part of a fixed-size request: all but the tail.
 pub fn readable_part<T: ByteValued>(req: &T) -> &[u8] {
     let b = req.as_slice();
@@ -485,6 +635,77 @@ mod tests {
         assert_eq!(size_of::<FaultRecord>(), 24);
         assert_eq!(size_of::<ProbeResvMem>(), 24);
         assert_eq!(size_of::<VirtioIommuConfig>(), 40);
+        assert_eq!(size_of::<FaultRecordExt>(), 48);
+        assert_eq!(size_of::<PageRespReq>(), 32);
+        assert_eq!(size_of::<ProbePageRequest>(), 16);
+    }
+
+    #[test]
+    fn extended_fault_record_fields_sit_at_brucker_offsets() {
+        let f = FaultRecordExt {
+            reason: 0x11,
+            flags: 0x2222_2222.into(),
+            endpoint: 0x3333_3333.into(),
+            pasid: 0x4444_4444.into(),
+            address: 0x5555_5555_5555_5555.into(),
+            group_id: 0x6666.into(),
+            private_data0: 0x7777_7777_7777_7777.into(),
+            private_data1: 0x8888_8888_8888_8888.into(),
+            ..Default::default()
+        };
+        let b = f.as_slice();
+        assert_eq!(b[0], 0x11);
+        assert_eq!(b[4], 0x22);
+        assert_eq!(b[8], 0x33);
+        assert_eq!(b[12], 0x44);
+        assert_eq!(b[16], 0x55);
+        assert_eq!(&b[24..26], &[0x66, 0x66]);
+        assert_eq!(&b[26..32], &[0; 6]);
+        assert_eq!(b[32], 0x77);
+        assert_eq!(b[40], 0x88);
+    }
+
+    #[test]
+    fn extended_fault_record_starts_with_the_spec_record() {
+        let ext = FaultRecordExt {
+            reason: VIRTIO_IOMMU_FAULT_R_MAPPING,
+            flags: (VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS).into(),
+            endpoint: 7.into(),
+            pasid: 9.into(),
+            address: 0xdead_b000.into(),
+            group_id: 3.into(),
+            ..Default::default()
+        };
+        let base =
+            FaultRecord::from_slice(&ext.as_slice()[..size_of::<FaultRecord>()]).expect("24 bytes");
+        assert_eq!(base.reason, VIRTIO_IOMMU_FAULT_R_MAPPING);
+        assert_eq!(base.flags, ext.flags);
+        assert_eq!(base.endpoint.to_native(), 7);
+        assert_eq!(base.reserved1.to_native(), 9);
+        assert_eq!(base.address.to_native(), 0xdead_b000);
+    }
+
+    #[test]
+    fn page_resp_fields_sit_at_project_offsets() {
+        let r = PageRespReq::new(0x0403_0201, Some(0x0807_0605), 0x0a09, 0x0c0b);
+        let b = r.as_slice();
+        assert_eq!(b[0], VIRTIO_IOMMU_T_PAGE_RESP);
+        assert_eq!(&b[4..8], &[1, 2, 3, 4]);
+        assert_eq!(&b[8..12], &[5, 6, 7, 8]);
+        assert_eq!(&b[12..16], &[1, 0, 0, 0]);
+        assert_eq!(&b[16..18], &[9, 10]);
+        assert_eq!(&b[18..20], &[11, 12]);
+        assert_eq!(&b[20..32], &[0; 12]);
+        assert_eq!(readable_part(&r).len(), 28);
+    }
+
+    #[test]
+    fn page_request_probe_property_is_12_bytes_long() {
+        let p = ProbePageRequest::new(VIRTIO_IOMMU_PROBE_PAGE_REQUEST_F_PRI, 32);
+        let b = p.as_slice();
+        assert_eq!(&b[0..4], &[8, 0, 12, 0]);
+        assert_eq!(&b[4..8], &[1, 0, 0, 0]);
+        assert_eq!(&b[8..12], &[32, 0, 0, 0]);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod device;
 pub mod error;
 pub mod mapping;
 pub mod pasid;
+pub mod pgtable;
 pub mod translate;
 pub mod wire;
 

@@ -32,6 +32,10 @@ mod smmu;
 mod vtd;
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
+mod reference;
+#[cfg(test)]
 mod smmu_tests;
 #[cfg(test)]
 mod testutil;

@@ -88,7 +88,8 @@ impl PageTranslation {
         self.gpa | (va & (self.page_size() - 1))
     }
 
-    /// Whether `access` may use this translation without a new walk.
+    /// Whether `access`, of the same privilege as the access that walked,
+    /// may use this translation without a new walk.
     pub const fn allows(&self, access: PageAccess) -> bool {
         (access.privileged || self.user)
             && (!access.write || (self.writable && self.dirty))

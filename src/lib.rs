@@ -25,6 +25,7 @@ pub mod error;
 pub mod mapping;
 pub mod parse;
 pub mod pasid;
+pub mod pgtable;
 pub mod prq;
 pub mod translate;
 pub mod wire;

@@ -7,7 +7,11 @@
 //! device model's) must drop before the guest's request that caused the
 //! change may complete.
 
-use crate::mapping::Mapping;
+use crate::{
+    mapping::Mapping,
+    table::{TableInvalidation, TableSpec},
+    wire::VIRTIO_IOMMU_INV_T_PASID,
+};
 
 /// A change of the IOMMU state that a VMM may need to shadow (VFIO,
 /// iommufd) or a translation cache may need to drop.
@@ -49,8 +53,34 @@ pub enum StateChange {
     },
     /// The `bypass` config field changed to this value.
     Bypass(bool),
-    /// Device reset: every endpoint detached, every domain gone.
+    /// Device reset: every endpoint detached, every domain gone, every
+    /// table unbound.
     Reset,
+    /// ATTACH_TABLE bound `table` to `endpoint`: with `pasid` 0 the
+    /// endpoint's DMA without PASID goes through `domain`'s table (an
+    /// ATTACH of the endpoint to `domain` precedes this change); with a
+    /// PASID, DMA with that PASID does.
+    TableBound {
+        /// The endpoint.
+        endpoint: u32,
+        /// The domain holding the table.
+        domain: u32,
+        /// The PASID; 0 for DMA without PASID.
+        pasid: u32,
+        /// The table.
+        table: TableSpec,
+    },
+    /// DETACH_TABLE, a DETACH or a rebinding removed a PASID binding.
+    TableUnbound {
+        /// The endpoint.
+        endpoint: u32,
+        /// The domain it went through.
+        domain: u32,
+        /// The PASID.
+        pasid: u32,
+    },
+    /// The guest changed a bound table (INVALIDATE).
+    TableInvalidate(TableInvalidation),
 }
 
 /// Cached translations that a change makes stale.
@@ -69,6 +99,34 @@ pub enum Invalidation {
     Endpoint(u32),
     /// Everything.
     All,
+    /// Every translation through a domain (with and without PASID).
+    Domain(u32),
+    /// Addresses `[start, end]` of `domain`'s table, for one PASID or
+    /// (`None`) every PASID using it.
+    TableRange {
+        /// The domain.
+        domain: u32,
+        /// The PASID (0: DMA without PASID), or every PASID.
+        pasid: Option<u32>,
+        /// First address.
+        start: u64,
+        /// Last address (inclusive).
+        end: u64,
+    },
+    /// Every translation of one PASID (0: without PASID) through `domain`.
+    TablePasid {
+        /// The domain.
+        domain: u32,
+        /// The PASID.
+        pasid: u32,
+    },
+    /// Every translation of one (endpoint, PASID) binding.
+    Binding {
+        /// The endpoint.
+        endpoint: u32,
+        /// The PASID.
+        pasid: u32,
+    },
 }
 
 impl StateChange {
@@ -90,6 +148,38 @@ impl StateChange {
             }),
             StateChange::Bypass(_) | StateChange::Reset => Some(Invalidation::All),
             StateChange::Map { .. } => None,
+            // A PASID-0 table comes with an ATTACH, which invalidates the
+            // endpoint; a PASID binding replaces whatever served it.
+            StateChange::TableBound {
+                endpoint, pasid, ..
+            }
+            | StateChange::TableUnbound {
+                endpoint, pasid, ..
+            } => Some(Invalidation::Binding { endpoint, pasid }),
+            StateChange::TableInvalidate(inv) => Some(inv.invalidates()),
+        }
+    }
+}
+
+impl TableInvalidation {
+    /// The cached translations this invalidation makes stale. A PASID
+    /// (context-descriptor) cache invalidation covers the whole PASID,
+    /// since caches hold whole walks.
+    pub fn invalidates(&self) -> Invalidation {
+        match (self.range, self.pasid) {
+            (Some((start, end)), pasid) if self.types & VIRTIO_IOMMU_INV_T_PASID == 0 => {
+                Invalidation::TableRange {
+                    domain: self.domain,
+                    pasid,
+                    start,
+                    end,
+                }
+            }
+            (_, Some(pasid)) => Invalidation::TablePasid {
+                domain: self.domain,
+                pasid,
+            },
+            (_, None) => Invalidation::Domain(self.domain),
         }
     }
 }

@@ -59,6 +59,15 @@ pub enum ConfigError {
         /// The granule.
         granule: u64,
     },
+    /// An unknown table format name.
+    #[error("unknown table format `{0}` (vtd, smmuv3 or none)")]
+    TableFormat(String),
+    /// A PASID width beyond PCIe's 20 bits.
+    #[error("endpoint PASID width {0} is above 20 bits")]
+    PasidBits(u8),
+    /// A guest-physical width the walkers do not support.
+    #[error("output address width {0} is outside 32..=52")]
+    OutputBits(u8),
     /// Zero of something the device needs at least one of.
     #[error("{0} must be at least 1")]
     Zero(&'static str),
@@ -172,6 +181,66 @@ pub const X86_MSI_WINDOW: ReservedRegion = ReservedRegion {
     subtype: VIRTIO_IOMMU_RESV_MEM_T_MSI,
 };
 
+/// The table formats ATTACH_TABLE accepts (docs/extension-spec.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableFormats {
+    /// `PGTF_VTD`: x86-64 first-stage tables, with or without PASID.
+    pub vtd: bool,
+    /// `PSTF_ARM_SMMU_V3`: Arm SMMUv3 context-descriptor tables.
+    pub smmu: bool,
+}
+
+impl TableFormats {
+    /// Both formats.
+    pub const ALL: TableFormats = TableFormats {
+        vtd: true,
+        smmu: true,
+    };
+
+    /// Whether ATTACH_TABLE is offered at all.
+    pub fn any(self) -> bool {
+        self.vtd || self.smmu
+    }
+
+    /// Whether `format` (`VIRTIO_IOMMU_PGTF_*` / `PSTF_*`) is accepted.
+    pub fn offers(self, format: u16) -> bool {
+        match format {
+            VIRTIO_IOMMU_PGTF_VTD => self.vtd,
+            VIRTIO_IOMMU_PSTF_ARM_SMMU_V3 => self.smmu,
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for TableFormats {
+    type Err = ConfigError;
+
+    /// `vtd`, `smmuv3`, both comma-separated, or `none`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut f = TableFormats::default();
+        for item in s.split(',').map(str::trim) {
+            match item {
+                "vtd" => f.vtd = true,
+                "smmuv3" => f.smmu = true,
+                "none" => {}
+                other => return Err(ConfigError::TableFormat(other.to_string())),
+            }
+        }
+        Ok(f)
+    }
+}
+
+impl fmt::Display for TableFormats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.vtd, self.smmu) {
+            (true, true) => f.write_str("vtd,smmuv3"),
+            (true, false) => f.write_str("vtd"),
+            (false, true) => f.write_str("smmuv3"),
+            (false, false) => f.write_str("none"),
+        }
+    }
+}
+
 /// Static configuration of the device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
@@ -200,6 +269,17 @@ pub struct DeviceConfig {
     /// Offer `VIRTIO_IOMMU_F_PASID_ALLOC` (the daemon has a host-wide
     /// PASID allocator for the guest).
     pub pasid_alloc: bool,
+    /// Table formats ATTACH_TABLE accepts; none: the feature is not
+    /// offered.
+    pub table_formats: TableFormats,
+    /// PASID width of every endpoint (PROBE `PASID_SIZE`); 0: no PASID
+    /// bindings.
+    pub endpoint_pasid_bits: u8,
+    /// Guest-physical address width (PROBE `OUTPUT_SIZE`): bound tables
+    /// are walked with it, table entries above it are reserved.
+    pub output_bits: u8,
+    /// At most this many PASID bindings per endpoint.
+    pub max_bindings_per_endpoint: usize,
 }
 
 impl Default for DeviceConfig {
@@ -222,6 +302,10 @@ impl Default for DeviceConfig {
             max_domains: 65536,
             max_mappings_per_domain: 1 << 20,
             pasid_alloc: false,
+            table_formats: TableFormats::ALL,
+            endpoint_pasid_bits: 20,
+            output_bits: 48,
+            max_bindings_per_endpoint: 1024,
         }
     }
 }
@@ -258,7 +342,18 @@ impl DeviceConfig {
         if self.probe_size > MAX_PROBE_SIZE {
             return Err(ConfigError::ProbeSizeTooLarge(self.probe_size));
         }
-        let need = self.reserved_regions.len() * std::mem::size_of::<ProbeResvMem>();
+        if self.endpoint_pasid_bits > 20 {
+            return Err(ConfigError::PasidBits(self.endpoint_pasid_bits));
+        }
+        if !(32..=52).contains(&self.output_bits) {
+            return Err(ConfigError::OutputBits(self.output_bits));
+        }
+        if self.table_formats.any() && self.max_bindings_per_endpoint == 0 {
+            return Err(ConfigError::Zero("max_bindings_per_endpoint"));
+        }
+        let mut props = Vec::new();
+        self.probe_properties(true, &mut props);
+        let need = props.len();
         if self.probe_size != 0 && (self.probe_size as usize) < need {
             return Err(ConfigError::ProbeSizeTooSmall {
                 size: self.probe_size,
@@ -299,7 +394,100 @@ impl DeviceConfig {
         if self.pasid_alloc {
             f |= 1 << VIRTIO_IOMMU_F_PASID_ALLOC;
         }
+        if self.table_formats.any() {
+            f |= 1 << VIRTIO_IOMMU_F_ATTACH_TABLE;
+        }
         f
+    }
+
+    /// Appends the PROBE properties of every endpoint to `out`: RESV_MEM,
+    /// then, when the driver negotiated ATTACH_TABLE (`tables`), the
+    /// output and PASID widths and the table formats.
+    pub fn probe_properties(&self, tables: bool, out: &mut Vec<u8>) {
+        let header = |prop_type: u16, total: usize| ProbeProperty {
+            prop_type: prop_type.into(),
+            // Property sizes are small constants.
+            length: ((total - std::mem::size_of::<ProbeProperty>()) as u16).into(),
+        };
+        for r in &self.reserved_regions {
+            let prop = ProbeResvMem {
+                head: header(
+                    VIRTIO_IOMMU_PROBE_T_RESV_MEM,
+                    std::mem::size_of::<ProbeResvMem>(),
+                ),
+                subtype: r.subtype,
+                reserved: [0; 3],
+                start: r.start.into(),
+                end: r.end.into(),
+            };
+            out.extend_from_slice(prop.as_slice());
+        }
+        if !tables || !self.table_formats.any() {
+            return;
+        }
+        let bits = |prop_type, bits| ProbeBits {
+            head: header(prop_type, std::mem::size_of::<ProbeBits>()),
+            bits,
+            reserved: [0; 3],
+        };
+        out.extend_from_slice(bits(VIRTIO_IOMMU_PROBE_T_OUTPUT_SIZE, self.output_bits).as_slice());
+        if self.endpoint_pasid_bits > 0 {
+            let pasid = bits(VIRTIO_IOMMU_PROBE_T_PASID_SIZE, self.endpoint_pasid_bits);
+            out.extend_from_slice(pasid.as_slice());
+        }
+        if self.table_formats.vtd {
+            let (cap, ecap) = self.vtd_cap_ecap();
+            let prop = ProbePgtVtd {
+                head: header(
+                    VIRTIO_IOMMU_PROBE_T_PAGE_TABLE_FMT,
+                    std::mem::size_of::<ProbePgtVtd>(),
+                ),
+                format: VIRTIO_IOMMU_PGTF_VTD.into(),
+                reserved: [0; 2],
+                cap_reg: cap.into(),
+                ecap_reg: ecap.into(),
+            };
+            out.extend_from_slice(prop.as_slice());
+        }
+        if self.table_formats.smmu {
+            let prop = ProbePstfSmmu {
+                head: header(
+                    VIRTIO_IOMMU_PROBE_T_PASID_TABLE_FMT,
+                    std::mem::size_of::<ProbePstfSmmu>(),
+                ),
+                format: VIRTIO_IOMMU_PSTF_ARM_SMMU_V3.into(),
+                reserved: [0; 2],
+                flags: VIRTIO_IOMMU_PST_ARM_SMMU3_F_CD2L.into(),
+            };
+            out.extend_from_slice(prop.as_slice());
+        }
+    }
+
+    /// VT-d CAP_REG and ECAP_REG images describing what the software
+    /// walker does, for the guest of a `PGTF_VTD` table (bit positions as
+    /// the VT-d specification and Linux's `iommu.h` give them).
+    pub fn vtd_cap_ecap(&self) -> (u64, u64) {
+        const CAP_SAGAW_4LEVEL: u64 = 1 << 10;
+        const CAP_SAGAW_5LEVEL: u64 = 1 << 11;
+        const CAP_FL1GP: u64 = 1 << 56;
+        const CAP_FL5LP: u64 = 1 << 60;
+        const ECAP_C: u64 = 1 << 0;
+        const ECAP_QI: u64 = 1 << 1;
+        const ECAP_DT: u64 = 1 << 2;
+        const ECAP_ERS: u64 = 1 << 30;
+        const ECAP_SRS: u64 = 1 << 31;
+        const ECAP_EAFS: u64 = 1 << 34;
+        const ECAP_PASID: u64 = 1 << 40;
+        const ECAP_SMTS: u64 = 1 << 43;
+        const ECAP_FLTS: u64 = 1 << 47;
+        let mgaw = u64::from(self.output_bits - 1) << 16;
+        let cap = CAP_SAGAW_4LEVEL | CAP_SAGAW_5LEVEL | mgaw | CAP_FL1GP | CAP_FL5LP;
+        let mut ecap = ECAP_C | ECAP_QI | ECAP_DT | ECAP_ERS | ECAP_SRS | ECAP_EAFS;
+        ecap |= ECAP_SMTS | ECAP_FLTS;
+        if self.endpoint_pasid_bits > 0 {
+            ecap |= ECAP_PASID | u64::from(self.endpoint_pasid_bits - 1) << 35;
+        }
+        (cap, ecap)
     }
 
     /// Config space image with the given `bypass` value.
@@ -377,10 +565,25 @@ mod tests {
     }
 
     #[test]
+    fn probe_size_must_hold_the_extension_properties_too() {
+        let cfg = DeviceConfig {
+            probe_size: 79,
+            reserved_regions: vec![X86_MSI_WINDOW],
+            ..Default::default()
+        };
+        // RESV_MEM 24, OUTPUT_SIZE 8, PASID_SIZE 8, PGT_VTD 24, PSTF 16.
+        assert_eq!(
+            cfg.validate(),
+            Err(ConfigError::ProbeSizeTooSmall { size: 79, need: 80 })
+        );
+    }
+
+    #[test]
     fn probe_size_must_hold_the_reserved_regions() {
         let cfg = DeviceConfig {
             probe_size: 16,
             reserved_regions: vec![X86_MSI_WINDOW],
+            table_formats: TableFormats::default(),
             ..Default::default()
         };
         assert_eq!(

@@ -8,7 +8,7 @@
 //! It never panics on guest input: malformed requests are dropped (used
 //! length 0) and refused ones carry a status code.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use log::{debug, trace};
 use thiserror::Error;
@@ -20,6 +20,8 @@ use crate::{
     error::{status_of, RequestError},
     mapping::{Mapping, MappingTree},
     pasid::{Pasid, PasidError},
+    prq::PasidRefs,
+    table::{read_attach_table, read_invalidate, AttachTable, Binding, TableSpec, UncountedPasids},
     wire::*,
 };
 
@@ -30,10 +32,32 @@ pub struct Domain {
     /// Created by ATTACH with `VIRTIO_IOMMU_ATTACH_F_BYPASS`: identity
     /// translation, no mappings.
     pub bypass: bool,
-    /// Attached endpoints, in attach order; never empty.
+    /// Attached endpoints (DMA without PASID), in attach order.
     pub endpoints: Vec<u32>,
-    /// The domain's mappings (empty for a bypass domain).
+    /// The domain's mappings (empty for a bypass or table domain).
     pub mappings: MappingTree,
+    /// Set by ATTACH_TABLE: the domain translates through this guest
+    /// table, and MAP/UNMAP are refused.
+    pub table: Option<TableSpec>,
+    /// (endpoint, PASID) bindings through this domain's table, in bind
+    /// order. A domain exists while it has endpoints or bindings.
+    pub bound: Vec<(u32, u32)>,
+}
+
+impl Domain {
+    fn new(bypass: bool, table: Option<TableSpec>) -> Self {
+        Domain {
+            bypass,
+            endpoints: Vec::new(),
+            mappings: MappingTree::new(),
+            table,
+            bound: Vec::new(),
+        }
+    }
+
+    fn is_unused(&self) -> bool {
+        self.endpoints.is_empty() && self.bound.is_empty()
+    }
 }
 
 /// Why a request was dropped without writing anything (used length 0).
@@ -207,6 +231,8 @@ pub struct Viommu {
     /// Attached endpoints and their domain.
     endpoints: HashMap<u32, u32>,
     domains: HashMap<u32, Domain>,
+    /// PASID table bindings by (endpoint, PASID).
+    bindings: BTreeMap<(u32, u32), Binding>,
     /// Payload of the last reply (PROBE properties, the PASID of a
     /// PASID_ALLOC), reused across requests.
     reply_buf: Vec<u8>,
@@ -226,6 +252,7 @@ impl Viommu {
             acked: 0,
             endpoints: HashMap::new(),
             domains: HashMap::new(),
+            bindings: BTreeMap::new(),
             reply_buf: Vec::new(),
             stats: RequestStats::default(),
             changes: None,
@@ -288,10 +315,15 @@ impl Viommu {
         Ok(())
     }
 
-    /// Device reset: no endpoint stays attached and every domain goes.
-    /// `bypass` survives (virtio-iommu 1.3: it SHOULD only return to its
-    /// initial value on system reset), negotiated features do not.
-    pub fn reset(&mut self) {
+    /// Device reset: no endpoint stays attached, every table binding and
+    /// every domain goes, and the bindings' PASID references are given
+    /// back through `refs`. `bypass` survives (virtio-iommu 1.3: it SHOULD
+    /// only return to its initial value on system reset), negotiated
+    /// features do not.
+    pub fn reset(&mut self, refs: &mut dyn PasidRefs) {
+        for ((endpoint, pasid), b) in std::mem::take(&mut self.bindings) {
+            refs.release(endpoint, pasid, b.handle);
+        }
         self.endpoints.clear();
         self.domains.clear();
         self.acked = 0;
@@ -328,6 +360,29 @@ impl Viommu {
         self.endpoints.get(&endpoint).copied()
     }
 
+    /// PASID table bindings: ((endpoint, PASID), binding), in order.
+    pub fn bindings(&self) -> impl Iterator<Item = ((u32, u32), &Binding)> + '_ {
+        self.bindings.iter().map(|(&k, b)| (k, b))
+    }
+
+    /// The table that serves DMA of `endpoint` with `pasid` (0: without
+    /// PASID), and its domain: the (endpoint, PASID) binding, else the
+    /// table of the endpoint's domain.
+    pub fn table_for(&self, endpoint: u32, pasid: u32) -> Option<(u32, &TableSpec)> {
+        if let Some(b) = self.bindings.get(&(endpoint, pasid)) {
+            let table = self.domains.get(&b.domain)?.table.as_ref()?;
+            return Some((b.domain, table));
+        }
+        let domain = *self.endpoints.get(&endpoint)?;
+        match self.domains.get(&domain)?.table.as_ref()? {
+            // A CD table serves every substream; a VT-d table of a domain
+            // serves DMA without PASID only.
+            t @ TableSpec::SmmuCd { .. } => Some((domain, t)),
+            t @ TableSpec::Vtd(_) if pasid == 0 => Some((domain, t)),
+            TableSpec::Vtd(_) => None,
+        }
+    }
+
     /// Attached endpoints and their domains.
     pub fn attached_endpoints(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
         self.endpoints.iter().map(|(&e, &d)| (e, d))
@@ -357,11 +412,23 @@ impl Viommu {
         }
     }
 
+    /// Handles one request, as [`Self::handle_request_with`] with PASIDs
+    /// that are not counted ([`UncountedPasids`]).
+    pub fn handle_request(&mut self, request: &[u8], writable: usize) -> Response<'_> {
+        self.handle_request_with(request, writable, &mut UncountedPasids)
+    }
+
     /// Handles one request. `request` is the device-readable part of the
     /// descriptor chain (extra trailing bytes are ignored); `writable` is
-    /// the size of its device-writable part.
-    pub fn handle_request(&mut self, request: &[u8], writable: usize) -> Response<'_> {
-        let response = self.dispatch(request, writable);
+    /// the size of its device-writable part. Table bindings take and give
+    /// back their PASID references through `refs`.
+    pub fn handle_request_with(
+        &mut self,
+        request: &[u8],
+        writable: usize,
+        refs: &mut dyn PasidRefs,
+    ) -> Response<'_> {
+        let response = self.dispatch(request, writable, refs);
         match &response {
             Response::Drop(_) => self.stats.dropped += 1,
             Response::Reply {
@@ -424,7 +491,12 @@ impl Viommu {
         })
     }
 
-    fn dispatch(&mut self, request: &[u8], writable: usize) -> Response<'static> {
+    fn dispatch(
+        &mut self,
+        request: &[u8],
+        writable: usize,
+        refs: &mut dyn PasidRefs,
+    ) -> Response<'static> {
         if writable < REQ_TAIL_SIZE {
             return Response::Drop(DropReason::NoTail { writable });
         }
@@ -441,7 +513,7 @@ impl Viommu {
                 Err(drop) => return Response::Drop(drop),
             },
             VIRTIO_IOMMU_T_DETACH => match read_request::<DetachReq>(request, req_type) {
-                Ok(req) => self.detach(&req),
+                Ok(req) => self.detach(&req, refs),
                 Err(drop) => return Response::Drop(drop),
             },
             VIRTIO_IOMMU_T_MAP => match read_request::<MapReq>(request, req_type) {
@@ -465,7 +537,32 @@ impl Viommu {
                 req.as_mut_slice().copy_from_slice(bytes);
                 self.probe(&req, writable - REQ_TAIL_SIZE)
             }
-            VIRTIO_IOMMU_T_PASID_ALLOC if self.offered(VIRTIO_IOMMU_F_PASID_ALLOC) => {
+            VIRTIO_IOMMU_T_ATTACH_TABLE if self.acked(VIRTIO_IOMMU_F_ATTACH_TABLE) => {
+                match read_attach_table(request, self.config.output_bits) {
+                    Ok(Some(at)) => self.attach_table(&at, refs),
+                    Ok(None) => {
+                        return Response::Drop(DropReason::Truncated {
+                            req_type,
+                            got: request.len(),
+                            need: ATTACH_TABLE_VTD_MIN.min(ATTACH_TABLE_SMMU_MIN),
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            VIRTIO_IOMMU_T_INVALIDATE if self.acked(VIRTIO_IOMMU_F_ATTACH_TABLE) => {
+                match read_request::<InvalidateReq>(request, req_type) {
+                    Ok(req) => self.invalidate(&req),
+                    Err(drop) => return Response::Drop(drop),
+                }
+            }
+            VIRTIO_IOMMU_T_DETACH_TABLE if self.acked(VIRTIO_IOMMU_F_ATTACH_TABLE) => {
+                match read_request::<DetachTableReq>(request, req_type) {
+                    Ok(req) => self.detach_table(&req, refs),
+                    Err(drop) => return Response::Drop(drop),
+                }
+            }
+            VIRTIO_IOMMU_T_PASID_ALLOC if self.acked(VIRTIO_IOMMU_F_PASID_ALLOC) => {
                 let Some(bytes) = request.get(..PASID_ALLOC_READABLE) else {
                     return Response::Drop(DropReason::Truncated {
                         req_type,
@@ -480,7 +577,7 @@ impl Viommu {
                     Err(e) => Err(e),
                 }
             }
-            VIRTIO_IOMMU_T_PASID_FREE if self.offered(VIRTIO_IOMMU_F_PASID_ALLOC) => {
+            VIRTIO_IOMMU_T_PASID_FREE if self.acked(VIRTIO_IOMMU_F_PASID_ALLOC) => {
                 match read_request::<PasidFreeReq>(request, req_type) {
                     Ok(req) => match pasid_free(&req) {
                         Ok(op) => return Response::Pasid(op),
@@ -539,11 +636,10 @@ impl Viommu {
         if let Some(old) = old {
             self.remove_endpoint(endpoint, old);
         }
-        let domain = self.domains.entry(domain_id).or_insert_with(|| Domain {
-            bypass,
-            endpoints: Vec::new(),
-            mappings: MappingTree::new(),
-        });
+        let domain = self
+            .domains
+            .entry(domain_id)
+            .or_insert_with(|| Domain::new(bypass, None));
         domain.endpoints.push(endpoint);
         self.endpoints.insert(endpoint, domain_id);
         debug!(
@@ -559,12 +655,12 @@ impl Viommu {
     }
 
     /// Detaches `endpoint` from `domain_id`, destroying the domain (and its
-    /// mappings) when it was the last endpoint.
+    /// mappings) when it was the last user.
     fn remove_endpoint(&mut self, endpoint: u32, domain_id: u32) {
         self.endpoints.remove(&endpoint);
         if let Some(domain) = self.domains.get_mut(&domain_id) {
             domain.endpoints.retain(|&e| e != endpoint);
-            if domain.endpoints.is_empty() {
+            if domain.is_unused() {
                 self.domains.remove(&domain_id);
             }
         }
@@ -574,7 +670,7 @@ impl Viommu {
         });
     }
 
-    fn detach(&mut self, req: &DetachReq) -> Result<(), RequestError> {
+    fn detach(&mut self, req: &DetachReq, refs: &mut dyn PasidRefs) -> Result<(), RequestError> {
         // The device MUST ignore DETACH's reserved bytes.
         let (domain_id, endpoint) = (req.domain.to_native(), req.endpoint.to_native());
         if !self.config.endpoints.contains(endpoint) {
@@ -586,8 +682,201 @@ impl Viommu {
                 domain: domain_id,
             });
         }
+        // The endpoint leaves the IOMMU's care: its PASID bindings go
+        // first, so nothing it does is translated through them any more.
+        let pasids: Vec<u32> = self
+            .bindings
+            .range((endpoint, 0)..=(endpoint, u32::MAX))
+            .map(|(&(_, p), _)| p)
+            .collect();
+        for pasid in pasids {
+            self.unbind(endpoint, pasid, refs);
+        }
         self.remove_endpoint(endpoint, domain_id);
         debug!("DETACH endpoint {endpoint} from domain {domain_id}");
+        Ok(())
+    }
+
+    /// Binds a table (ATTACH_TABLE, checked by `read_attach_table`).
+    fn attach_table(
+        &mut self,
+        at: &AttachTable,
+        refs: &mut dyn PasidRefs,
+    ) -> Result<(), RequestError> {
+        let AttachTable {
+            domain: domain_id,
+            endpoint,
+            pasid,
+            table,
+        } = *at;
+        if !self.config.table_formats.offers(table.format()) {
+            return Err(RequestError::UnsupportedFormat(table.format()));
+        }
+        if !self.config.endpoints.contains(endpoint) {
+            return Err(RequestError::NoSuchEndpoint(endpoint));
+        }
+        let (lo, hi) = self.config.domain_range;
+        if domain_id < lo || domain_id > hi {
+            return Err(RequestError::DomainOutOfRange(domain_id));
+        }
+        match self.domains.get(&domain_id) {
+            Some(d) if d.table != Some(table) => {
+                return Err(RequestError::TableMismatch(domain_id))
+            }
+            Some(_) => {}
+            None if self.domains.len() >= self.config.max_domains => {
+                return Err(RequestError::TooManyDomains(self.config.max_domains))
+            }
+            None => {}
+        }
+        if pasid == 0 {
+            return self.attach_table_domain(endpoint, domain_id, table);
+        }
+        let bits = self.config.endpoint_pasid_bits;
+        if bits == 0 {
+            return Err(RequestError::NoPasidSupport(endpoint));
+        }
+        if u64::from(pasid) >> bits != 0 {
+            return Err(RequestError::PasidWidth { pasid, bits });
+        }
+        let old = self.bindings.get(&(endpoint, pasid)).copied();
+        if old.is_some_and(|b| b.domain == domain_id) {
+            return Ok(());
+        }
+        let bound = self
+            .bindings
+            .range((endpoint, 0)..=(endpoint, u32::MAX))
+            .count();
+        let limit = self.config.max_bindings_per_endpoint;
+        if old.is_none() && bound >= limit {
+            return Err(RequestError::TooManyBindings { endpoint, limit });
+        }
+        let handle = refs
+            .take(endpoint, pasid)
+            .ok_or(RequestError::PasidNotOwned(pasid))?;
+        // Checks are done: from here on nothing fails.
+        if old.is_some() {
+            self.unbind(endpoint, pasid, refs);
+        }
+        self.bindings.insert(
+            (endpoint, pasid),
+            Binding {
+                domain: domain_id,
+                handle,
+            },
+        );
+        self.domains
+            .entry(domain_id)
+            .or_insert_with(|| Domain::new(false, Some(table)))
+            .bound
+            .push((endpoint, pasid));
+        debug!("ATTACH_TABLE endpoint {endpoint} PASID {pasid} to domain {domain_id}");
+        self.record(StateChange::TableBound {
+            endpoint,
+            domain: domain_id,
+            pasid,
+            table,
+        });
+        Ok(())
+    }
+
+    /// ATTACH_TABLE without PASID: an ATTACH whose domain has a table.
+    fn attach_table_domain(
+        &mut self,
+        endpoint: u32,
+        domain_id: u32,
+        table: TableSpec,
+    ) -> Result<(), RequestError> {
+        let old = self.endpoints.get(&endpoint).copied();
+        if old == Some(domain_id) {
+            return Ok(());
+        }
+        if let Some(old) = old {
+            self.remove_endpoint(endpoint, old);
+        }
+        self.domains
+            .entry(domain_id)
+            .or_insert_with(|| Domain::new(false, Some(table)))
+            .endpoints
+            .push(endpoint);
+        self.endpoints.insert(endpoint, domain_id);
+        debug!("ATTACH_TABLE endpoint {endpoint} to table domain {domain_id}");
+        self.record(StateChange::Attach {
+            endpoint,
+            domain: domain_id,
+            bypass: false,
+        });
+        self.record(StateChange::TableBound {
+            endpoint,
+            domain: domain_id,
+            pasid: 0,
+            table,
+        });
+        Ok(())
+    }
+
+    /// Removes the (endpoint, PASID) binding, if any: its domain goes when
+    /// unused, its PASID reference is given back.
+    fn unbind(&mut self, endpoint: u32, pasid: u32, refs: &mut dyn PasidRefs) {
+        let Some(b) = self.bindings.remove(&(endpoint, pasid)) else {
+            return;
+        };
+        if let Some(d) = self.domains.get_mut(&b.domain) {
+            d.bound.retain(|&k| k != (endpoint, pasid));
+            if d.is_unused() {
+                self.domains.remove(&b.domain);
+            }
+        }
+        self.record(StateChange::TableUnbound {
+            endpoint,
+            domain: b.domain,
+            pasid,
+        });
+        refs.release(endpoint, pasid, b.handle);
+    }
+
+    fn detach_table(
+        &mut self,
+        req: &DetachTableReq,
+        refs: &mut dyn PasidRefs,
+    ) -> Result<(), RequestError> {
+        let (domain, endpoint, pasid) = (
+            req.domain.to_native(),
+            req.endpoint.to_native(),
+            req.pasid.to_native(),
+        );
+        if req.flags.to_native() != 0 {
+            return Err(RequestError::UnknownFlags(req.flags.to_native()));
+        }
+        if req.reserved != [0; 8] {
+            return Err(RequestError::ReservedNotZero);
+        }
+        if !self.config.endpoints.contains(endpoint) {
+            return Err(RequestError::NoSuchEndpoint(endpoint));
+        }
+        if self.bindings.get(&(endpoint, pasid)).map(|b| b.domain) != Some(domain) {
+            return Err(RequestError::NoSuchBinding {
+                endpoint,
+                pasid,
+                domain,
+            });
+        }
+        self.unbind(endpoint, pasid, refs);
+        debug!("DETACH_TABLE endpoint {endpoint} PASID {pasid} from domain {domain}");
+        Ok(())
+    }
+
+    fn invalidate(&mut self, req: &InvalidateReq) -> Result<(), RequestError> {
+        let inv = read_invalidate(req)?;
+        let d = self
+            .domains
+            .get(&inv.domain)
+            .ok_or(RequestError::NoSuchDomain(inv.domain))?;
+        if d.table.is_none() {
+            return Err(RequestError::TableMismatch(inv.domain));
+        }
+        trace!("INVALIDATE {inv:?}");
+        self.record(StateChange::TableInvalidate(inv));
         Ok(())
     }
 
@@ -608,6 +897,9 @@ impl Viommu {
         }
         if domain.bypass {
             return Err(RequestError::BypassDomain(domain_id));
+        }
+        if domain.table.is_some() {
+            return Err(RequestError::TableDomain(domain_id));
         }
         if end < start {
             return Err(RequestError::InvertedRange { start, end });
@@ -672,6 +964,9 @@ impl Viommu {
         if domain.bypass {
             return Err(RequestError::BypassDomain(domain_id));
         }
+        if domain.table.is_some() {
+            return Err(RequestError::TableDomain(domain_id));
+        }
         if end < start {
             return Err(RequestError::InvertedRange { start, end });
         }
@@ -703,30 +998,16 @@ impl Viommu {
                 need: size,
             });
         }
+        // Extension properties only for a driver that negotiated their
+        // feature: the mainline driver logs every unknown property.
+        let tables = self.acked(VIRTIO_IOMMU_F_ATTACH_TABLE);
         self.reply_buf.clear();
+        self.config.probe_properties(tables, &mut self.reply_buf);
+        // `DeviceConfig::validate` guarantees the properties fit.
         self.reply_buf.resize(size, 0);
-        let mut at = 0;
-        for r in &self.config.reserved_regions {
-            let prop = ProbeResvMem {
-                head: ProbeProperty {
-                    prop_type: VIRTIO_IOMMU_PROBE_T_RESV_MEM.into(),
-                    length: (std::mem::size_of::<ProbeResvMem>() as u16 - 4).into(),
-                },
-                subtype: r.subtype,
-                reserved: [0; 3],
-                start: r.start.into(),
-                end: r.end.into(),
-            };
-            let bytes = prop.as_slice();
-            // `DeviceConfig::validate` guarantees the properties fit.
-            if let Some(dst) = self.reply_buf.get_mut(at..at + bytes.len()) {
-                dst.copy_from_slice(bytes);
-            }
-            at += bytes.len();
-        }
         debug!(
-            "PROBE endpoint {endpoint}: {} RESV_MEM properties",
-            self.config.reserved_regions.len()
+            "PROBE endpoint {endpoint}: {} bytes of properties",
+            self.reply_buf.len()
         );
         Ok(())
     }

@@ -4,7 +4,7 @@
 
 use thiserror::Error;
 
-use crate::{pasid::PasidError, prq::GroupKey, wire::*};
+use crate::{pasid::PasidError, pgtable::ConfigError, prq::GroupKey, wire::*};
 
 /// A request the device understood but refused; [`RequestError::status`]
 /// says which status code the guest sees.
@@ -112,6 +112,57 @@ pub enum RequestError {
         /// Bytes needed.
         need: usize,
     },
+    /// An ATTACH_TABLE format the device does not offer.
+    #[error("table format {0} is not supported")]
+    UnsupportedFormat(u16),
+    /// A table the walkers refuse (address width, flags, CD layout).
+    #[error("invalid table")]
+    BadTable(#[source] ConfigError),
+    /// MAP or UNMAP on a domain that translates through a guest table.
+    #[error("domain {0} translates through a guest table")]
+    TableDomain(u32),
+    /// A table request on a domain that has no table, or another one.
+    #[error("domain {0} does not hold this table")]
+    TableMismatch(u32),
+    /// The endpoint has no PASID support (PROBE reports no PASID_SIZE).
+    #[error("endpoint {0} has no PASID support")]
+    NoPasidSupport(u32),
+    /// A PASID beyond the endpoint's PASID width.
+    #[error("PASID {pasid} is beyond the endpoint's {bits}-bit PASID width")]
+    PasidWidth {
+        /// The PASID.
+        pasid: u32,
+        /// The width.
+        bits: u8,
+    },
+    /// A PASID this VM does not hold (global mode: not from PASID_ALLOC,
+    /// or freed).
+    #[error("PASID {0} is not allocated to this VM")]
+    PasidNotOwned(u32),
+    /// DETACH_TABLE of a binding that does not exist.
+    #[error("endpoint {endpoint} has no table bound for PASID {pasid} in domain {domain}")]
+    NoSuchBinding {
+        /// The endpoint.
+        endpoint: u32,
+        /// The PASID.
+        pasid: u32,
+        /// The domain.
+        domain: u32,
+    },
+    /// The endpoint's binding cap is reached.
+    #[error("endpoint {endpoint} already has {limit} table bindings")]
+    TooManyBindings {
+        /// The endpoint.
+        endpoint: u32,
+        /// The cap.
+        limit: usize,
+    },
+    /// An INVALIDATE whose fields contradict each other.
+    #[error("invalid INVALIDATE: {0}")]
+    BadInvalidation(&'static str),
+    /// An INVALIDATE range that is empty or wraps around.
+    #[error("INVALIDATE range is empty, wraps around or has a bad granule")]
+    InvalidationRange,
     /// No PASID left in the range, the quota, or PASIDs are disabled.
     #[error("PASID allocation failed: no PASID left in the range or the quota")]
     PasidNoSpace,
@@ -177,7 +228,15 @@ impl RequestError {
             | ProbeBufferTooSmall { .. }
             | WritableTooSmall { .. }
             | UnknownResponseCode(_)
+            | BadTable(_)
+            | TableDomain(_)
+            | TableMismatch(_)
+            | BadInvalidation(_)
             | PasidState => VIRTIO_IOMMU_S_INVAL,
+            UnsupportedFormat(_) | NoPasidSupport(_) => VIRTIO_IOMMU_S_UNSUPP,
+            PasidWidth { .. } | InvalidationRange => VIRTIO_IOMMU_S_RANGE,
+            PasidNotOwned(_) | NoSuchBinding { .. } => VIRTIO_IOMMU_S_NOENT,
+            TooManyBindings { .. } => VIRTIO_IOMMU_S_NOMEM,
             PasidUnknown => VIRTIO_IOMMU_S_NOENT,
             PasidRange => VIRTIO_IOMMU_S_RANGE,
             PasidNoSpace => VIRTIO_IOMMU_S_NOMEM,

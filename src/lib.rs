@@ -22,16 +22,18 @@ pub mod change;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod iotlb;
 pub mod mapping;
 pub mod parse;
 pub mod pasid;
 pub mod pgtable;
 pub mod prq;
+pub mod table;
 pub mod translate;
 pub mod wire;
 
 pub use change::{Invalidation, StateChange};
-pub use config::{DeviceConfig, EndpointSet, ReservedRegion};
+pub use config::{DeviceConfig, EndpointSet, ReservedRegion, TableFormats};
 pub use device::{PasidOp, Response, Viommu};
 pub use error::RequestError;
 pub use mapping::{Mapping, MappingTree};
@@ -39,3 +41,5 @@ pub use translate::{Access, Fault, TranslateError, Translation};
 
 #[cfg(test)]
 mod spec_tests;
+#[cfg(test)]
+mod table_tests;

@@ -30,6 +30,10 @@ pub const VIRTIO_IOMMU_F_BYPASS_CONFIG: u32 = 6;
 /// requests, for guests that must use host PASIDs directly.
 pub const VIRTIO_IOMMU_F_PASID_ALLOC: u32 = 11;
 
+/// ATTACH_TABLE, INVALIDATE and DETACH_TABLE are available: the guest
+/// binds page tables it owns (JPB-pgtables number, docs/extension-spec.md).
+pub const VIRTIO_IOMMU_F_ATTACH_TABLE: u32 = 8;
+
 /// PROJECT EXTENSION (reference `virtio-iommu.md` §2.12): the device may
 /// emit page requests (the 48-byte [`FaultRecordExt`]) and accepts
 /// PAGE_RESP.
@@ -46,6 +50,12 @@ pub const VIRTIO_IOMMU_T_MAP: u8 = 3;
 pub const VIRTIO_IOMMU_T_UNMAP: u8 = 4;
 /// PROBE: an endpoint's properties.
 pub const VIRTIO_IOMMU_T_PROBE: u8 = 5;
+/// ATTACH_TABLE: bind a guest page table or PASID table.
+pub const VIRTIO_IOMMU_T_ATTACH_TABLE: u8 = 6;
+/// INVALIDATE: the guest changed a bound table.
+pub const VIRTIO_IOMMU_T_INVALIDATE: u8 = 7;
+/// PROJECT EXTENSION: remove one (endpoint, PASID) table binding.
+pub const VIRTIO_IOMMU_T_DETACH_TABLE: u8 = 9;
 /// Answer to a page-request group (RFC-2021-04 number, project layout).
 pub const VIRTIO_IOMMU_T_PAGE_RESP: u8 = 8;
 /// PROJECT EXTENSION: allocate a host PASID for the guest.
@@ -93,6 +103,45 @@ pub const VIRTIO_IOMMU_PROBE_T_MASK: u16 = 0xfff;
 pub const VIRTIO_IOMMU_RESV_MEM_T_RESERVED: u8 = 0;
 /// RESV_MEM subtype: the MSI doorbell window.
 pub const VIRTIO_IOMMU_RESV_MEM_T_MSI: u8 = 1;
+/// PROBE property: the page sizes the endpoint's tables may use.
+pub const VIRTIO_IOMMU_PROBE_T_PAGE_SIZE_MASK: u16 = 2;
+/// PROBE property: the endpoint's input address range.
+pub const VIRTIO_IOMMU_PROBE_T_INPUT_RANGE: u16 = 3;
+/// PROBE property: the output (guest-physical) address width in bits.
+pub const VIRTIO_IOMMU_PROBE_T_OUTPUT_SIZE: u16 = 4;
+/// PROBE property: the endpoint's PASID width in bits.
+pub const VIRTIO_IOMMU_PROBE_T_PASID_SIZE: u16 = 5;
+/// PROBE property: a page-table format the endpoint accepts.
+pub const VIRTIO_IOMMU_PROBE_T_PAGE_TABLE_FMT: u16 = 6;
+/// PROBE property: a PASID-table format the endpoint accepts.
+pub const VIRTIO_IOMMU_PROBE_T_PASID_TABLE_FMT: u16 = 7;
+
+/// Table format: Arm SMMUv3 context-descriptor table (guest owns the CDs).
+pub const VIRTIO_IOMMU_PSTF_ARM_SMMU_V3: u16 = 2;
+/// Table format: Intel VT-d first-stage (x86-64 IA-32e) page table.
+pub const VIRTIO_IOMMU_PGTF_VTD: u16 = 4;
+/// `ProbePstfSmmu::flags`: two-level CD tables are supported.
+pub const VIRTIO_IOMMU_PST_ARM_SMMU3_F_CD2L: u64 = 1 << 1;
+
+/// INVALIDATE granularity: everything of a domain.
+pub const VIRTIO_IOMMU_INV_G_DOMAIN: u16 = 1 << 0;
+/// INVALIDATE granularity: everything of one PASID of a domain.
+pub const VIRTIO_IOMMU_INV_G_PASID: u16 = 1 << 1;
+/// INVALIDATE granularity: an address range.
+pub const VIRTIO_IOMMU_INV_G_VA: u16 = 1 << 2;
+/// INVALIDATE type: IOTLB entries.
+pub const VIRTIO_IOMMU_INV_T_IOTLB: u16 = 1 << 0;
+/// INVALIDATE type: device IOTLB (ATS) entries.
+pub const VIRTIO_IOMMU_INV_T_DEV_IOTLB: u16 = 1 << 1;
+/// INVALIDATE type: PASID (context-descriptor) cache entries.
+pub const VIRTIO_IOMMU_INV_T_PASID: u16 = 1 << 2;
+/// INVALIDATE flag: `pasid` is valid.
+pub const VIRTIO_IOMMU_INV_F_PASID: u16 = 1 << 0;
+/// INVALIDATE flag: `archid` is valid.
+pub const VIRTIO_IOMMU_INV_F_ARCHID: u16 = 1 << 1;
+/// INVALIDATE flag: only leaf entries changed.
+pub const VIRTIO_IOMMU_INV_F_LEAF: u16 = 1 << 2;
+
 /// PROJECT EXTENSION: the endpoint's page-request capabilities
 /// ([`ProbePageRequest`]).
 pub const VIRTIO_IOMMU_PROBE_T_PAGE_REQUEST: u16 = 8;
@@ -399,6 +448,185 @@ wire_struct! {
 }
 
 wire_struct! {
+    /// The device-readable part of ATTACH_TABLE with format
+    /// `VIRTIO_IOMMU_PGTF_VTD` (80 bytes; the 4-byte tail follows in the
+    /// device-writable part, 84 in all): bind a VT-d first-stage
+    /// (CPU-format) page table to the endpoint's DMA without PASID
+    /// (`pasid` 0) or to one PASID (PROJECT EXTENSION). Without the tail
+    /// so the struct needs no padding after its 64-bit fields.
+    pub struct AttachTableVtdReq (size = 80) {
+        /// `type` = `VIRTIO_IOMMU_T_ATTACH_TABLE`.
+        pub head: ReqHead,
+        /// The domain; for a PASID binding, the SVA domain shared by every
+        /// endpoint bound to the same address space.
+        pub domain: Le32,
+        /// The endpoint.
+        pub endpoint: Le32,
+        /// ATTACH flags; none are valid with a table.
+        pub flags: Le32,
+        /// `VIRTIO_IOMMU_PGTF_VTD`.
+        pub format: Le16,
+        /// Reserved, zero.
+        pub reserved0: [u8; 2],
+        /// The PASID the table applies to; 0: DMA without PASID.
+        pub pasid: Le32,
+        /// Guest-physical address of the top-level table (a CR3 value).
+        pub pgd: Le64,
+        /// First-stage flags (`iommu_hwpt_vtd_s1.flags`: SRE, EAFE, WPE).
+        pub fl_flags: Le64,
+        /// 48 (4-level paging) or 57 (5-level).
+        pub addr_width: Le32,
+        /// Reserved, zero.
+        pub reserved: [u8; 32],
+        /// Reserved, zero.
+        pub reserved_hi: [u8; 4],
+    }
+}
+
+/// Device-readable bytes an ATTACH_TABLE of format `PGTF_VTD` needs.
+pub const ATTACH_TABLE_VTD_MIN: usize = 44;
+
+wire_struct! {
+    /// The device-readable part of ATTACH_TABLE with format
+    /// `VIRTIO_IOMMU_PSTF_ARM_SMMU_V3` (80 bytes, JPB-pgtables order; the
+    /// tail follows): the endpoint's DMA goes through the guest's
+    /// context-descriptor table.
+    pub struct AttachTableSmmuReq (size = 80) {
+        /// `type` = `VIRTIO_IOMMU_T_ATTACH_TABLE`.
+        pub head: ReqHead,
+        /// The domain.
+        pub domain: Le32,
+        /// The endpoint.
+        pub endpoint: Le32,
+        /// ATTACH flags; none are valid with a table.
+        pub flags: Le32,
+        /// `VIRTIO_IOMMU_PSTF_ARM_SMMU_V3`.
+        pub format: Le16,
+        /// CD table layout: 0 linear, 1 4K two-level, 2 64K two-level.
+        pub s1fmt: u8,
+        /// DMA without PASID: 0 terminate, 1 bypass, 2 use CD 0.
+        pub s1dss: u8,
+        /// log2 of the number of CDs.
+        pub s1cdmax: Le32,
+        /// Guest-physical address of the CD table.
+        pub s1contextptr: Le64,
+        /// Reserved, zero.
+        pub reserved: [u8; 32],
+        /// Reserved, zero.
+        pub reserved_hi: [u8; 16],
+    }
+}
+
+/// Device-readable bytes an ATTACH_TABLE of format `PSTF_ARM_SMMU_V3`
+/// needs.
+pub const ATTACH_TABLE_SMMU_MIN: usize = 32;
+/// Device-readable bytes of the format-specific ATTACH_TABLE views; the
+/// generic view of JPB-pgtables has 4 more (84), which must be zero.
+pub const ATTACH_TABLE_RO: usize = 80;
+/// Offset of `format` in every ATTACH_TABLE.
+pub const ATTACH_TABLE_FORMAT_OFFSET: usize = 16;
+
+wire_struct! {
+    /// INVALIDATE (64 bytes, the 2021+ layout): the guest changed a bound
+    /// table; the device completes it once every cache dropped the stale
+    /// entries.
+    pub struct InvalidateReq (size = 64) {
+        /// `type` = `VIRTIO_IOMMU_T_INVALIDATE`.
+        pub head: ReqHead,
+        /// `VIRTIO_IOMMU_INV_G_*`, exactly one.
+        pub inv_gran: Le16,
+        /// `VIRTIO_IOMMU_INV_T_*`.
+        pub inv_type: Le16,
+        /// `VIRTIO_IOMMU_INV_F_*`.
+        pub flags: Le16,
+        /// Reserved, zero.
+        pub reserved1: [u8; 2],
+        /// The domain.
+        pub domain: Le32,
+        /// The PASID (with `VIRTIO_IOMMU_INV_F_PASID`).
+        pub pasid: Le32,
+        /// Reserved, zero.
+        pub reserved2: [u8; 4],
+        /// Architecture tag, e.g. the Arm ASID (with `F_ARCHID`).
+        pub archid: Le64,
+        /// First address (`G_VA`).
+        pub virt_start: Le64,
+        /// Number of pages of `2^granule` bytes (`G_VA`).
+        pub nr_pages: Le64,
+        /// log2 of the page size (`G_VA`).
+        pub granule: u8,
+        /// Reserved, zero.
+        pub reserved3: [u8; 11],
+        /// Status tail, written by the device.
+        pub tail: ReqTail,
+    }
+}
+
+wire_struct! {
+    /// DETACH_TABLE (PROJECT EXTENSION, 32 bytes): remove the (endpoint,
+    /// PASID) binding.
+    pub struct DetachTableReq (size = 32) {
+        /// `type` = `VIRTIO_IOMMU_T_DETACH_TABLE`.
+        pub head: ReqHead,
+        /// The domain the binding goes through.
+        pub domain: Le32,
+        /// The endpoint.
+        pub endpoint: Le32,
+        /// The PASID.
+        pub pasid: Le32,
+        /// None defined; must be 0.
+        pub flags: Le32,
+        /// Reserved, zero.
+        pub reserved: [u8; 8],
+        /// Status tail, written by the device.
+        pub tail: ReqTail,
+    }
+}
+
+wire_struct! {
+    /// PROBE properties `OUTPUT_SIZE` and `PASID_SIZE` (8 bytes).
+    pub struct ProbeBits (size = 8) {
+        /// Property header.
+        pub head: ProbeProperty,
+        /// Width in bits.
+        pub bits: u8,
+        /// Reserved, zero.
+        pub reserved: [u8; 3],
+    }
+}
+
+wire_struct! {
+    /// PROBE property `PAGE_TABLE_FMT` for `PGTF_VTD` (24 bytes,
+    /// Intel-2023): the VT-d capability registers the guest may assume.
+    pub struct ProbePgtVtd (size = 24) {
+        /// Property header.
+        pub head: ProbeProperty,
+        /// `VIRTIO_IOMMU_PGTF_VTD`.
+        pub format: Le16,
+        /// Reserved, zero.
+        pub reserved: [u8; 2],
+        /// VT-d CAP_REG image.
+        pub cap_reg: Le64,
+        /// VT-d ECAP_REG image.
+        pub ecap_reg: Le64,
+    }
+}
+
+wire_struct! {
+    /// PROBE property `PASID_TABLE_FMT` for `PSTF_ARM_SMMU_V3` (16 bytes).
+    pub struct ProbePstfSmmu (size = 16) {
+        /// Property header.
+        pub head: ProbeProperty,
+        /// `VIRTIO_IOMMU_PSTF_ARM_SMMU_V3`.
+        pub format: Le16,
+        /// Reserved, zero.
+        pub reserved: [u8; 2],
+        /// `VIRTIO_IOMMU_PST_ARM_SMMU3_F_*`.
+        pub flags: Le64,
+    }
+}
+
+wire_struct! {
     /// Brucker's extended event record (48 bytes, reference §2.8), used for
     /// every event once `VIRTIO_IOMMU_F_PAGE_REQUEST` is negotiated. Its first
     /// 24 bytes are a [`FaultRecord`] whose `reserved1` carries the PASID, so
@@ -573,6 +801,80 @@ impl PasidFreeReq {
     }
 }
 
+impl AttachTableVtdReq {
+    /// An ATTACH_TABLE of a VT-d first-stage table.
+    pub fn new(domain: u32, endpoint: u32, pasid: u32, pgd: u64, addr_width: u32) -> Self {
+        AttachTableVtdReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_ATTACH_TABLE),
+            domain: domain.into(),
+            endpoint: endpoint.into(),
+            format: VIRTIO_IOMMU_PGTF_VTD.into(),
+            pasid: pasid.into(),
+            pgd: pgd.into(),
+            addr_width: addr_width.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl AttachTableSmmuReq {
+    /// An ATTACH_TABLE of an SMMUv3 context-descriptor table.
+    pub fn new(domain: u32, endpoint: u32, s1fmt: u8, s1cdmax: u32, s1contextptr: u64) -> Self {
+        AttachTableSmmuReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_ATTACH_TABLE),
+            domain: domain.into(),
+            endpoint: endpoint.into(),
+            format: VIRTIO_IOMMU_PSTF_ARM_SMMU_V3.into(),
+            s1fmt,
+            s1cdmax: s1cdmax.into(),
+            s1contextptr: s1contextptr.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl InvalidateReq {
+    /// An INVALIDATE of `gran` (`VIRTIO_IOMMU_INV_G_*`) and `types` in
+    /// `domain`; set the PASID and range fields as needed.
+    pub fn new(gran: u16, types: u16, domain: u32) -> Self {
+        InvalidateReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_INVALIDATE),
+            inv_gran: gran.into(),
+            inv_type: types.into(),
+            domain: domain.into(),
+            ..Default::default()
+        }
+    }
+
+    /// With `pasid` (sets `VIRTIO_IOMMU_INV_F_PASID`).
+    pub fn with_pasid(mut self, pasid: u32) -> Self {
+        self.flags = (self.flags.to_native() | VIRTIO_IOMMU_INV_F_PASID).into();
+        self.pasid = pasid.into();
+        self
+    }
+
+    /// With the range `[start, start + nr_pages << granule)`.
+    pub fn with_range(mut self, start: u64, nr_pages: u64, granule: u8) -> Self {
+        self.virt_start = start.into();
+        self.nr_pages = nr_pages.into();
+        self.granule = granule;
+        self
+    }
+}
+
+impl DetachTableReq {
+    /// A DETACH_TABLE of `(endpoint, pasid)` from `domain`.
+    pub fn new(domain: u32, endpoint: u32, pasid: u32) -> Self {
+        DetachTableReq {
+            head: ReqHead::new(VIRTIO_IOMMU_T_DETACH_TABLE),
+            domain: domain.into(),
+            endpoint: endpoint.into(),
+            pasid: pasid.into(),
+            ..Default::default()
+        }
+    }
+}
+
 impl PageRespReq {
     /// A PAGE_RESP for group `group_id` of `endpoint`, with the PASID (and
     /// `VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID`) when the group carried one.
@@ -624,6 +926,28 @@ mod tests {
     use std::mem::size_of;
 
     use super::*;
+
+    #[test]
+    fn table_request_fields_sit_at_the_profile_offsets() {
+        let r = AttachTableVtdReq::new(1, 2, 3, 0x1000, 48);
+        let b = r.as_slice();
+        assert_eq!(b[0], VIRTIO_IOMMU_T_ATTACH_TABLE);
+        assert_eq!(&b[16..18], &VIRTIO_IOMMU_PGTF_VTD.to_le_bytes());
+        assert_eq!(b[20], 3);
+        assert_eq!(b[25], 0x10);
+        assert_eq!(b[40], 48);
+        let s = AttachTableSmmuReq::new(1, 2, 1, 5, 0x4000);
+        let b = s.as_slice();
+        assert_eq!((b[18], b[20], b[25]), (1, 5, 0x40));
+        let i = InvalidateReq::new(VIRTIO_IOMMU_INV_G_VA, VIRTIO_IOMMU_INV_T_IOTLB, 7)
+            .with_pasid(9)
+            .with_range(0x5000, 2, 12);
+        let b = i.as_slice();
+        assert_eq!((b[4], b[6], b[8], b[12], b[16]), (4, 1, 1, 7, 9));
+        assert_eq!((b[33], b[40], b[48]), (0x50, 2, 12));
+        let d = DetachTableReq::new(1, 2, 3);
+        assert_eq!(d.as_slice()[12], 3);
+    }
 
     #[test]
     fn request_sizes_match_the_spec() {

@@ -33,19 +33,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cache::Cache;
+use cache::{Cache, Space};
 use log::warn;
 use nix::{
     errno::Errno,
     poll::{poll, PollFd, PollFlags, PollTimeout},
 };
-pub use viommu::{Access, Invalidation, StateChange};
+use viommu::wire::{VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
+pub use viommu::{pgtable::PageAccess, Access, Invalidation, StateChange};
 use viommu_protocol::{
-    handshake, messages as msg, query, ConnError, FrameReader, Message, Polled, HELLO_F_CACHE,
-    HELLO_F_SUBSCRIBE, HELLO_F_SYNC, RESULT_NO_SUCH_ENDPOINT, RESULT_OK, TRANSLATE_F_REPORT_FAULT,
-    TRANSLATE_F_WRITE,
+    handshake, messages as msg, query, ConnError, FrameReader, Message, Polled, EXTENT_F_EXEC,
+    HELLO_F_CACHE, HELLO_F_SUBSCRIBE, HELLO_F_SYNC, RESULT_NO_SUCH_ENDPOINT, RESULT_OK,
+    TRANSLATE_F_EXEC, TRANSLATE_F_PRIV, TRANSLATE_F_REPORT_FAULT, TRANSLATE_F_WRITE,
 };
-pub use viommu_protocol::{query::Query, Extent, FaultInfo, FAULT_F_READ, FAULT_F_WRITE};
+pub use viommu_protocol::{
+    query::Query, Extent, FaultInfo, FAULT_F_EXEC, FAULT_F_PASID, FAULT_F_PRIV, FAULT_F_READ,
+    FAULT_F_RECOVERABLE, FAULT_F_WRITE,
+};
 
 /// How many times a translation is fetched again when an invalidation
 /// keeps removing it before it can be used.
@@ -146,7 +150,7 @@ enum Reply {
 }
 
 struct Call {
-    endpoint: u32,
+    space: Space,
     iova: u64,
     slot: Arc<ReplySlot>,
 }
@@ -277,7 +281,7 @@ impl Client {
 
     fn call(
         &self,
-        endpoint: u32,
+        space: Space,
         iova: u64,
         build: impl FnOnce(u32) -> Message,
     ) -> Result<Reply, Error> {
@@ -286,7 +290,7 @@ impl Client {
         lock(&self.shared.calls).insert(
             tag,
             Call {
-                endpoint,
+                space,
                 iova,
                 slot: slot.clone(),
             },
@@ -307,33 +311,28 @@ impl Client {
         slot.take().ok_or(Error::Disconnected)
     }
 
-    fn fetch(
-        &self,
-        endpoint: u32,
-        iova: u64,
-        len: u64,
-        access: Access,
-        report: bool,
-    ) -> Result<Vec<Extent>, Error> {
-        let mut flags = if access == Access::Write {
-            TRANSLATE_F_WRITE
-        } else {
-            0
-        };
+    /// One TRANSLATE round trip: the extents that translate from `iova`
+    /// on (the daemon may answer a long table range in parts), or the
+    /// fault at `iova`.
+    fn fetch(&self, req: Request, iova: u64, len: u64, report: bool) -> Result<Vec<Extent>, Error> {
+        let mut flags = req.flags;
         if report {
             flags |= TRANSLATE_F_REPORT_FAULT;
         }
-        match self.call(endpoint, iova, |tag| {
+        let (endpoint, pasid) = (req.space.endpoint, req.space.pasid);
+        match self.call(req.space, iova, |tag| {
             msg::Translate {
                 tag,
                 endpoint,
                 flags,
+                pasid,
                 iova,
                 len,
             }
             .into()
         })? {
-            Reply::Translation(extents) => Ok(extents),
+            Reply::Translation(extents) if !extents.is_empty() => Ok(extents),
+            Reply::Translation(_) => Err(Error::Protocol("empty translation")),
             Reply::Fault(f) => Err(Error::Fault(f)),
             Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
             Reply::Result(status, message) => Err(Error::Daemon { status, message }),
@@ -362,7 +361,8 @@ impl Client {
         len: u64,
         access: Access,
     ) -> Result<Vec<Segment>, Error> {
-        let extents = self.fetch(endpoint, iova, len, access, true)?;
+        let req = Request::iova(endpoint, access);
+        let extents = self.fetch(req, iova, len.max(1), true)?;
         Ok(segments(&extents, iova, len))
     }
 
@@ -378,35 +378,87 @@ impl Client {
         access: Access,
         dma: impl FnOnce(&[Segment]) -> R,
     ) -> Result<R, Error> {
+        self.translate_req(Request::iova(endpoint, access), iova, len, dma)
+    }
+
+    /// Translates `[va, va + len)` of `endpoint` with `pasid` (0: without
+    /// PASID) through the guest table bound to it (ATTACH_TABLE).
+    pub fn translate_pasid(
+        &self,
+        endpoint: u32,
+        pasid: u32,
+        va: u64,
+        len: u64,
+        access: PageAccess,
+    ) -> Result<Vec<Segment>, Error> {
+        self.translate_pasid_with(endpoint, pasid, va, len, access, |s| s.to_vec())
+    }
+
+    /// [`Self::translate_pasid`], then runs `dma` on the segments, with the
+    /// same coherence as [`Self::translate_with`]: an INVALIDATE or
+    /// DETACH_TABLE of these pages does not complete before `dma` returned.
+    /// A fault flagged `FAULT_F_RECOVERABLE` is one the guest could fix
+    /// (a page not present, or without the access).
+    pub fn translate_pasid_with<R>(
+        &self,
+        endpoint: u32,
+        pasid: u32,
+        va: u64,
+        len: u64,
+        access: PageAccess,
+        dma: impl FnOnce(&[Segment]) -> R,
+    ) -> Result<R, Error> {
+        self.translate_req(Request::table(endpoint, pasid, access), va, len, dma)
+    }
+
+    fn translate_req<R>(
+        &self,
+        req: Request,
+        iova: u64,
+        len: u64,
+        dma: impl FnOnce(&[Segment]) -> R,
+    ) -> Result<R, Error> {
         let len = len.max(1);
+        let end = iova.saturating_add(len - 1);
         let Some(cache) = &self.shared.cache else {
-            let extents = self.fetch(endpoint, iova, len, access, false)?;
-            return Ok(dma(&segments(&extents, iova, len)));
+            // Without a cache: ask until the range is covered (a table
+            // range may come in parts).
+            let mut extents = Vec::new();
+            let mut addr = iova;
+            loop {
+                let got = self.fetch(req, addr, end - addr + 1, false)?;
+                let last = got.last().map_or(addr, |e| e.iova_end);
+                extents.extend(got);
+                if last >= end {
+                    return Ok(dma(&segments(&extents, iova, len)));
+                }
+                addr = last + 1;
+            }
         };
-        for _ in 0..MAX_REFETCH {
-            {
+        let mut unstable = 0;
+        let mut covered_before = None;
+        loop {
+            let from = {
                 let c = cache.read().unwrap_or_else(|e| e.into_inner());
-                if let Some(e) = c.lookup(endpoint, iova, access) {
-                    // The common case: one extent covers the whole range.
-                    if e.iova_end >= iova.saturating_add(len - 1) {
-                        let seg = Segment {
-                            iova,
-                            gpa: e.gpa_start.wrapping_add(iova - e.iova_start),
-                            len,
-                        };
-                        return Ok(dma(&[seg]));
-                    }
-                    if let Some(segs) = cached_segments(&c, endpoint, iova, len, access) {
-                        return Ok(dma(&segs));
-                    }
+                match cached_segments(&c, req, iova, len) {
+                    Ok(segs) => return Ok(dma(&segs)),
+                    Err(from) => from,
+                }
+            };
+            // Progress (a longer cached prefix) is not instability; an
+            // invalidation racing the reply is, a bounded number of times.
+            if covered_before.is_some_and(|b| from <= b) {
+                unstable += 1;
+                if unstable >= MAX_REFETCH {
+                    return Err(Error::Unstable);
                 }
             }
+            covered_before = Some(from);
             // Miss: the reader thread caches the reply before handing it
             // over, so the next lookup finds it unless it was invalidated
             // in between, in which case it is fetched again.
-            self.fetch(endpoint, iova, len, access, false)?;
+            self.fetch(req, from, end - from + 1, false)?;
         }
-        Err(Error::Unstable)
     }
 
     /// Reports an unrecoverable fault of `endpoint` at `address`; the
@@ -428,9 +480,10 @@ impl Client {
             reason,
             flags,
             endpoint,
+            pasid: 0,
             address,
         };
-        match self.call(endpoint, address, |tag| {
+        match self.call(Space::iova(endpoint), address, |tag| {
             msg::ReportFault { tag, fault }.into()
         })? {
             Reply::Result(RESULT_OK, _) => Ok(()),
@@ -444,7 +497,7 @@ impl Client {
     /// (`viommu_protocol::query` has the reply types).
     pub fn query<R: serde::de::DeserializeOwned>(&self, q: &Query) -> Result<R, Error> {
         let json = query::encode(q)?;
-        match self.call(0, 0, |tag| msg::Query { tag, json }.into())? {
+        match self.call(Space::iova(0), 0, |tag| msg::Query { tag, json }.into())? {
             Reply::Query(text) => Ok(query::decode_reply(&text)?),
             Reply::Result(status, message) => Err(Error::Daemon { status, message }),
             _ => Err(Error::Protocol("unexpected reply to a query")),
@@ -502,23 +555,76 @@ fn segments(extents: &[Extent], iova: u64, len: u64) -> Vec<Segment> {
     out
 }
 
-fn cached_segments(
-    c: &Cache,
-    endpoint: u32,
-    iova: u64,
-    len: u64,
-    access: Access,
-) -> Option<Vec<Segment>> {
+/// The segments of `[iova, iova + len)` if the cache covers all of it
+/// with the access `req` needs; otherwise the first address it misses.
+fn cached_segments(c: &Cache, req: Request, iova: u64, len: u64) -> Result<Vec<Segment>, u64> {
     let end = iova.saturating_add(len - 1);
-    let mut extents = Vec::new();
-    let mut addr = iova;
+    // The common case: one extent covers the whole range.
+    let first = c.lookup(req.space, iova, req.need).ok_or(iova)?;
+    if first.iova_end >= end {
+        return Ok(vec![Segment {
+            iova,
+            gpa: first.gpa_start.wrapping_add(iova - first.iova_start),
+            len,
+        }]);
+    }
+    let mut extents = vec![first];
+    let mut addr = first.iova_end + 1;
     loop {
-        let e = c.lookup(endpoint, addr, access)?;
+        let e = c.lookup(req.space, addr, req.need).ok_or(addr)?;
         extents.push(e);
         if e.iova_end >= end {
-            return Some(segments(&extents, iova, len));
+            return Ok(segments(&extents, iova, len));
         }
         addr = e.iova_end + 1;
+    }
+}
+
+/// What a translation asks for: the address space, the TRANSLATE flags,
+/// and the extent flags a cached translation needs.
+#[derive(Clone, Copy, Debug)]
+struct Request {
+    space: Space,
+    flags: u32,
+    need: u32,
+}
+
+impl Request {
+    fn iova(endpoint: u32, access: Access) -> Request {
+        Request {
+            space: Space::iova(endpoint),
+            flags: if access == Access::Write {
+                TRANSLATE_F_WRITE
+            } else {
+                0
+            },
+            need: access.map_flag(),
+        }
+    }
+
+    fn table(endpoint: u32, pasid: u32, access: PageAccess) -> Request {
+        let mut flags = 0;
+        let mut need = VIRTIO_IOMMU_MAP_F_READ;
+        if access.write {
+            flags |= TRANSLATE_F_WRITE;
+            need |= VIRTIO_IOMMU_MAP_F_WRITE;
+        }
+        if access.execute {
+            flags |= TRANSLATE_F_EXEC;
+            need |= EXTENT_F_EXEC;
+        }
+        if access.privileged {
+            flags |= TRANSLATE_F_PRIV;
+        }
+        Request {
+            space: Space {
+                endpoint,
+                pasid,
+                privileged: access.privileged,
+            },
+            flags,
+            need,
+        }
     }
 }
 
@@ -583,7 +689,7 @@ impl Shared {
                 if let Some(cache) = &self.cache {
                     if let Some(call) = lock(&self.calls).get(&m.tag) {
                         let mut c = cache.write().unwrap_or_else(|e| e.into_inner());
-                        c.insert(call.endpoint, call.iova, &m.extents);
+                        c.insert(call.space, call.iova, &m.extents);
                     }
                 }
                 reply(m.tag, Reply::Translation(m.extents));

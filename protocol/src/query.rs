@@ -36,6 +36,12 @@ pub enum Query {
     },
     /// Request, error, fault and client counters.
     Stats,
+    /// Bound guest tables, of one endpoint or all.
+    PasidTables {
+        /// Only this endpoint's.
+        #[serde(default)]
+        endpoint: Option<u32>,
+    },
     /// This daemon's PASIDs and the host's sets.
     Pasids {
         /// Lowest host PASID to list.
@@ -192,6 +198,15 @@ pub struct RequestCounts {
     pub pasid_alloc: u64,
     /// PASID_FREE.
     pub pasid_free: u64,
+    /// ATTACH_TABLE.
+    #[serde(default)]
+    pub attach_table: u64,
+    /// INVALIDATE.
+    #[serde(default)]
+    pub invalidate: u64,
+    /// DETACH_TABLE.
+    #[serde(default)]
+    pub detach_table: u64,
     /// Any other type.
     pub other: u64,
 }
@@ -233,6 +248,43 @@ pub struct StatsReply {
     /// Clients disconnected because they could not keep up.
     #[serde(default)]
     pub clients_dropped: u64,
+}
+
+/// A bound guest table (`pasid-tables`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableInfo {
+    /// The endpoint.
+    pub endpoint: u32,
+    /// The PASID; 0: the endpoint's DMA without PASID (its domain's table).
+    pub pasid: u32,
+    /// The domain holding the table.
+    pub domain: u32,
+    /// `vtd` or `smmuv3`.
+    pub format: String,
+    /// VT-d: the first-stage root (pgd); SMMUv3: the CD table address.
+    pub root: u64,
+    /// VT-d input address width (48 or 57).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr_width: Option<u32>,
+    /// VT-d first-stage flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fl_flags: Option<u64>,
+    /// SMMUv3 CD table layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s1fmt: Option<u8>,
+    /// SMMUv3 DMA-without-PASID behaviour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s1dss: Option<u8>,
+    /// SMMUv3 log2 of the number of CDs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s1cdmax: Option<u32>,
+}
+
+/// `pasid-tables`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasidTablesReply {
+    /// Bindings by endpoint, then PASID.
+    pub tables: Vec<TableInfo>,
 }
 
 /// One of this daemon's PASIDs.

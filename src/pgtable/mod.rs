@@ -38,7 +38,7 @@ mod reference;
 #[cfg(test)]
 mod smmu_tests;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 #[cfg(test)]
 mod vtd_tests;
 

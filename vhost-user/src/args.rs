@@ -9,7 +9,7 @@ use thiserror::Error;
 use viommu::{
     config::{parse_domain_range, ConfigError},
     parse::parse_u64,
-    DeviceConfig, EndpointSet,
+    DeviceConfig, EndpointSet, TableFormats,
 };
 
 use crate::{error::WithCauses, iommu::IommuOptions};
@@ -180,6 +180,26 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "global|identity", default_value = "global")]
     pub pasid_mode: PasidMode,
 
+    /// Guest table formats ATTACH_TABLE accepts (PROJECT EXTENSION):
+    /// `vtd` (x86-64 first-stage tables), `smmuv3` (Arm context-descriptor
+    /// tables), both comma-separated, or `none` (the feature is not
+    /// offered). Mainline guests never see the difference.
+    #[arg(long, value_name = "LIST", default_value = "vtd,smmuv3", value_parser = parse_formats)]
+    pub table_formats: TableFormats,
+
+    /// Guest-physical address width tables are walked with (PROBE
+    /// OUTPUT_SIZE): table entries with address bits above it fault.
+    #[arg(long, value_name = "N", default_value_t = 48)]
+    pub output_bits: u8,
+
+    /// Most PASID table bindings one endpoint may hold.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_bindings: usize,
+
+    /// Most table walks the daemon caches for control clients (0: none).
+    #[arg(long, value_name = "N", default_value_t = 1 << 16)]
+    pub max_cached_translations: usize,
+
     /// Directory of the host-wide PASID state shared by all daemons.
     /// Default: /var/lib/vhost-device-iommu as root,
     /// $XDG_STATE_HOME/vhost-device-iommu (or ~/.local/state/...) otherwise.
@@ -202,6 +222,10 @@ fn parse_domains(s: &str) -> Result<(u32, u32), WithCauses<ConfigError>> {
     parse_domain_range(s).map_err(WithCauses)
 }
 
+fn parse_formats(s: &str) -> Result<TableFormats, ConfigError> {
+    s.parse()
+}
+
 impl DaemonArgs {
     /// The device configuration these arguments describe, validated.
     pub fn device_config(&self) -> Result<DeviceConfig, ArgsError> {
@@ -218,6 +242,9 @@ impl DaemonArgs {
                 .unwrap_or_else(EndpointSet::all_pci_rids),
             max_domains: self.max_domains,
             max_mappings_per_domain: self.max_mappings,
+            table_formats: self.table_formats,
+            output_bits: self.output_bits,
+            max_bindings_per_endpoint: self.max_bindings,
             ..DeviceConfig::default()
         };
         config.validate()?;
@@ -258,6 +285,7 @@ impl DaemonArgs {
         IommuOptions {
             poll: Duration::from_micros(self.poll_us),
             client_timeout: Duration::from_millis(self.client_timeout_ms),
+            cached_translations: self.max_cached_translations,
         }
     }
 }

@@ -201,6 +201,7 @@ impl IommuBackend {
 
     fn drain(&self, rq: &mut RequestQueueState, vring: &VringRwLock, mem: &Mem) -> io::Result<()> {
         let guard = mem.memory();
+        let mut refs = self.iommu.binding_refs();
         let mut model = self.iommu.model_mut();
         rq.used.clear();
         while let Some(chain) = chain::pop(vring, guard.clone()) {
@@ -211,7 +212,8 @@ impl IommuBackend {
                 rq.used.push((head, 0));
                 continue;
             }
-            let response = model.handle_request(rq.buf.readable(), rq.buf.writable_len());
+            let response =
+                model.handle_request_with(rq.buf.readable(), rq.buf.writable_len(), &mut refs);
             let used = if let Response::Pasid(op) = response {
                 // The PASID service may write to disk: not under the
                 // model's lock (other requests' translations go on).
@@ -228,8 +230,10 @@ impl IommuBackend {
             return Ok(());
         }
         // Control clients learn about the batch's changes before the guest
-        // sees any of its requests complete.
+        // sees any of its requests complete; only then are the references
+        // of removed bindings given back.
         self.iommu.publish(model);
+        refs.finish();
         for &(head, len) in &rq.used {
             vring.add_used(head, len).map_err(io::Error::other)?;
         }

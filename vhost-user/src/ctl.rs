@@ -14,7 +14,8 @@ use viommu::{parse, wire::*};
 use viommu_protocol::{
     messages::{CallResult, FaultInfo, ReportFault, Translate},
     query::*,
-    ConnError, Connection, Message, FAULT_F_READ, FAULT_F_WRITE, HELLO_F_INSPECT, RESULT_OK,
+    ConnError, Connection, Message, FAULT_F_PASID, FAULT_F_READ, FAULT_F_RECOVERABLE,
+    FAULT_F_WRITE, HELLO_F_INSPECT, RESULT_OK, TRANSLATE_F_EXEC, TRANSLATE_F_PRIV,
     TRANSLATE_F_WRITE,
 };
 
@@ -82,6 +83,16 @@ pub enum CtlCommand {
         /// A write access (default: read).
         #[arg(long)]
         write: bool,
+        /// Translate with this PASID through the table bound to it
+        /// (default 0: without PASID).
+        #[arg(long, default_value = "0", value_parser = parse::parse_u32)]
+        pasid: u32,
+        /// An instruction fetch (table translations).
+        #[arg(long)]
+        exec: bool,
+        /// A privileged (supervisor) access (table translations).
+        #[arg(long = "priv")]
+        privileged: bool,
     },
     /// Deliver an unrecoverable fault to the guest's event queue.
     Fault {
@@ -103,6 +114,13 @@ pub enum CtlCommand {
     /// PASID sets of the host (VM, quota, live daemon) and this daemon's
     /// PASIDs with state and references.
     Pasids,
+    /// Guest tables bound with ATTACH_TABLE: per endpoint and PASID, the
+    /// domain, format and table root.
+    PasidTables {
+        /// Only this endpoint's.
+        #[arg(long, value_parser = parse::parse_u32)]
+        endpoint: Option<u32>,
+    },
 }
 
 /// Why `ctl` failed.
@@ -148,6 +166,11 @@ struct FaultDoc {
     endpoint: u32,
     address: u64,
     write: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pasid: Option<u32>,
+    /// The guest could fix it (a page request may resolve it).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    recoverable: bool,
 }
 
 /// `ctl fault`'s document.
@@ -164,6 +187,7 @@ enum Doc {
     Mappings(MappingsReply),
     Stats(StatsReply),
     Pasids(PasidsReply),
+    PasidTables(PasidTablesReply),
     Translate(TranslateDoc),
     Fault,
 }
@@ -202,6 +226,7 @@ fn json(doc: &Doc) -> String {
         Doc::Mappings(d) => serde_json::to_string(d),
         Doc::Stats(d) => serde_json::to_string(d),
         Doc::Pasids(d) => serde_json::to_string(d),
+        Doc::PasidTables(d) => serde_json::to_string(d),
         Doc::Translate(d) => serde_json::to_string(d),
         Doc::Fault => serde_json::to_string(&OkDoc { ok: true }),
     };
@@ -240,18 +265,35 @@ fn command(c: &mut Connection, cmd: &CtlCommand) -> Result<(Doc, u8), ConnError>
             }
             (Doc::Pasids(doc), 0)
         }
+        CtlCommand::PasidTables { endpoint } => (
+            Doc::PasidTables(c.query(&Query::PasidTables { endpoint })?),
+            0,
+        ),
         CtlCommand::Translate {
             endpoint,
             iova,
             len,
             write,
+            pasid,
+            exec,
+            privileged,
         } => {
-            let flags = if write { TRANSLATE_F_WRITE } else { 0 };
+            let mut flags = 0;
+            for (on, flag) in [
+                (write, TRANSLATE_F_WRITE),
+                (exec, TRANSLATE_F_EXEC),
+                (privileged, TRANSLATE_F_PRIV),
+            ] {
+                if on {
+                    flags |= flag;
+                }
+            }
             let reply = c.call(|tag| {
                 Translate {
                     tag,
                     endpoint,
                     flags,
+                    pasid,
                     iova,
                     len,
                 }
@@ -274,6 +316,7 @@ fn command(c: &mut Connection, cmd: &CtlCommand) -> Result<(Doc, u8), ConnError>
                 reason,
                 flags: if write { FAULT_F_WRITE } else { FAULT_F_READ },
                 endpoint,
+                pasid: 0,
                 address,
             };
             match c.call(|tag| ReportFault { tag, fault }.into())? {
@@ -334,6 +377,8 @@ fn translate_doc(reply: Message, iova: u64, len: u64, write: bool) -> Result<(Do
                 endpoint: f.fault.endpoint,
                 address: f.fault.address,
                 write,
+                pasid: (f.fault.flags & FAULT_F_PASID != 0).then_some(f.fault.pasid),
+                recoverable: f.fault.flags & FAULT_F_RECOVERABLE != 0,
             };
             let doc = TranslateDoc {
                 ok: false,
@@ -424,14 +469,43 @@ fn print_table(out: &mut impl Write, doc: &Doc) -> std::io::Result<()> {
                 writeln!(out, "{:#x} -> {:#x} ({} bytes)", s.iova, s.gpa, s.len)?;
             }
             if let Some(f) = &t.fault {
+                let pasid = f.pasid.map_or(String::new(), |p| format!(", PASID {p}"));
+                let fixable = if f.recoverable { ", recoverable" } else { "" };
                 writeln!(
                     out,
-                    "fault: {} (endpoint {:#x}, address {:#x})",
+                    "fault: {} (endpoint {:#x}{pasid}, address {:#x}{fixable})",
                     f.reason, f.endpoint, f.address
                 )?;
             }
         }
         Doc::Fault => writeln!(out, "fault queued on the guest's event queue")?,
+        Doc::PasidTables(p) => {
+            writeln!(
+                out,
+                "{:<10} {:<8} {:<10} {:<8} {:<20} DETAILS",
+                "ENDPOINT", "PASID", "DOMAIN", "FORMAT", "ROOT"
+            )?;
+            for t in &p.tables {
+                let details = match t.format.as_str() {
+                    "vtd" => format!(
+                        "addr_width {} fl_flags {:#x}",
+                        t.addr_width.unwrap_or(0),
+                        t.fl_flags.unwrap_or(0)
+                    ),
+                    _ => format!(
+                        "s1fmt {} s1dss {} s1cdmax {}",
+                        t.s1fmt.unwrap_or(0),
+                        t.s1dss.unwrap_or(0),
+                        t.s1cdmax.unwrap_or(0)
+                    ),
+                };
+                writeln!(
+                    out,
+                    "{:<#10x} {:<8} {:<10} {:<8} {:<#20x} {details}",
+                    t.endpoint, t.pasid, t.domain, t.format, t.root
+                )?;
+            }
+        }
         Doc::Pasids(p) => {
             if p.mode != "global" {
                 return writeln!(out, "PASID mode: {} (no host-wide set)", p.mode);
@@ -464,8 +538,20 @@ fn print_table(out: &mut impl Write, doc: &Doc) -> std::io::Result<()> {
             let r = &s.requests;
             writeln!(
                 out,
-                "{:<20} attach={} detach={} map={} unmap={} probe={} pasid_alloc={} pasid_free={} other={}",
-                "requests", r.attach, r.detach, r.map, r.unmap, r.probe, r.pasid_alloc, r.pasid_free, r.other
+                "{:<20} attach={} detach={} map={} unmap={} probe={} pasid_alloc={} pasid_free={} \
+                 attach_table={} invalidate={} detach_table={} other={}",
+                "requests",
+                r.attach,
+                r.detach,
+                r.map,
+                r.unmap,
+                r.probe,
+                r.pasid_alloc,
+                r.pasid_free,
+                r.attach_table,
+                r.invalidate,
+                r.detach_table,
+                r.other
             )?;
             let errors: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
             writeln!(out, "{:<20} {}", "errors", errors.join(" "))?;

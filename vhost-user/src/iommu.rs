@@ -7,8 +7,10 @@
 //! without the model's lock, a reset clears everything in order.
 //!
 //! Lock order (docs/architecture.md): `model` before a client's outbox
-//! (staging); `model` and `events` are never held together with the PASID
-//! manager's lock, which may wait on the disk.
+//! (staging) and before `iotlb`; `model` before the PASID manager's lock
+//! only to take a binding's reference (memory only); anything that may
+//! wait on the disk under the manager's lock (journal writes, releasing
+//! references) runs without the model's lock.
 
 use std::{
     io,
@@ -23,7 +25,9 @@ use log::{info, warn};
 use viommu::{
     config::ConfigError,
     device::PasidOp,
+    iotlb::Iotlb,
     pasid::{Pasid, PasidError},
+    prq::PasidRefs,
     DeviceConfig, Viommu,
 };
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -48,6 +52,8 @@ pub struct IommuOptions {
     /// acknowledge the changes it made before the laggards are
     /// disconnected and it completes.
     pub client_timeout: Duration,
+    /// Most table walks the daemon caches (0: none).
+    pub cached_translations: usize,
 }
 
 impl Default for IommuOptions {
@@ -55,6 +61,7 @@ impl Default for IommuOptions {
         IommuOptions {
             poll: Duration::from_micros(50),
             client_timeout: Duration::from_millis(100),
+            cached_translations: 1 << 16,
         }
     }
 }
@@ -73,6 +80,9 @@ pub enum SetupError {
 /// The IOMMU of one VM: everything that outlives a frontend connection.
 pub struct Iommu {
     model: RwLock<Viommu>,
+    /// Table walks served to control clients; invalidated with the model
+    /// changes, under the model's write lock.
+    iotlb: Mutex<Iotlb>,
     events: Mutex<EventQueue>,
     mem: RwLock<Option<Mem>>,
     hub: Hub,
@@ -83,19 +93,26 @@ pub struct Iommu {
 
 impl Iommu {
     /// The device in its power-on state; `pasids` says what it does with
-    /// PASIDs (global mode offers guest-visible PASID allocation).
+    /// PASIDs (global mode offers guest-visible PASID allocation; without
+    /// PASIDs, tables can be bound without PASID only).
     pub fn new(
         mut config: DeviceConfig,
         pasids: PasidService,
         options: IommuOptions,
     ) -> Result<Self, SetupError> {
         config.pasid_alloc = matches!(pasids, PasidService::Global(_));
+        config.endpoint_pasid_bits = match &pasids {
+            PasidService::Disabled => 0,
+            PasidService::Identity { bits } => *bits,
+            PasidService::Global(shared) => shared.lock().options().bits,
+        };
         config.validate()?;
         let mut model = Viommu::new(config);
         // Changes are cheap to record and clients come and go: always on.
         model.record_changes(true);
         Ok(Iommu {
             model: RwLock::new(model),
+            iotlb: Mutex::new(Iotlb::new(options.cached_translations)),
             events: Mutex::new(EventQueue::default()),
             mem: RwLock::new(None),
             hub: Hub::new().map_err(SetupError::EventFd)?,
@@ -141,6 +158,21 @@ impl Iommu {
         lock(&self.events)
     }
 
+    /// The cache of table walks (lock it only while holding the model's
+    /// lock: it must change with the model).
+    pub(crate) fn iotlb(&self) -> MutexGuard<'_, Iotlb> {
+        lock(&self.iotlb)
+    }
+
+    /// PASID references for table bindings: taken under the model's lock,
+    /// given back later by [`BindingRefs::finish`], without it.
+    pub(crate) fn binding_refs(&self) -> BindingRefs<'_> {
+        BindingRefs {
+            pasids: &self.pasids,
+            released: Vec::new(),
+        }
+    }
+
     /// Whether a vhost-user frontend is connected.
     pub(crate) fn frontend_connected(&self) -> bool {
         self.frontend.load(Ordering::Relaxed)
@@ -178,6 +210,12 @@ impl Iommu {
         if changes.is_empty() {
             return;
         }
+        {
+            let mut iotlb = self.iotlb();
+            for inv in changes.iter().filter_map(|c| c.invalidates()) {
+                iotlb.invalidate(&inv);
+            }
+        }
         let clients = self.hub.stage(&changes);
         drop(model);
         if !clients.is_empty() {
@@ -200,12 +238,19 @@ impl Iommu {
         }
     }
 
-    /// Device reset (by the driver): the guest forgot its PASIDs, its
-    /// domains and its mappings. PASIDs are freed first (each stays
-    /// reserved until its last reference goes), then the model is reset
-    /// and the clients told before the reset completes.
+    /// Device reset (by the driver): the guest forgot its tables, its
+    /// domains, its mappings and its PASIDs. In order: the model stops
+    /// translating (bindings and domains go), the clients drop what they
+    /// cached and acknowledge, then the bindings' PASID references are
+    /// given back and the guest's PASIDs freed (each stays reserved until
+    /// its last reference goes).
     pub(crate) fn reset(&self, why: &str) {
         info!("{why}: clearing IOMMU state");
+        let mut refs = self.binding_refs();
+        let mut model = self.model_mut();
+        model.reset(&mut refs);
+        self.publish(model);
+        refs.finish();
         if let PasidService::Global(shared) = &self.pasids {
             match shared.lock().free_all() {
                 Ok(0) => {}
@@ -213,8 +258,54 @@ impl Iommu {
                 Err(e) => warn!("{why}: freeing the guest's PASIDs: {e}"),
             }
         }
-        let mut model = self.model_mut();
-        model.reset();
-        self.publish(model);
+    }
+}
+
+/// The daemon's [`PasidRefs`] for table bindings. In global mode a binding
+/// holds a reference on its host PASID (the guest PASID, from
+/// PASID_ALLOC) in the host-wide allocator, so a PASID the guest frees
+/// while it is bound stays reserved; other modes count nothing. Taking is
+/// memory only; giving back may write the journal, so releases are kept
+/// and done by [`BindingRefs::finish`] once the model's lock is gone.
+pub(crate) struct BindingRefs<'a> {
+    pasids: &'a PasidService,
+    released: Vec<Pasid>,
+}
+
+impl PasidRefs for BindingRefs<'_> {
+    fn take(&mut self, _endpoint: u32, pasid: u32) -> Option<u64> {
+        let PasidService::Global(shared) = self.pasids else {
+            return Some(0);
+        };
+        let mut m = shared.lock();
+        let bits = m.options().bits;
+        let host = m.to_host(pasid, bits).ok()?;
+        m.get(host).ok()?;
+        Some(u64::from(host))
+    }
+
+    fn release(&mut self, _endpoint: u32, _pasid: u32, handle: u64) {
+        if let (PasidService::Global(_), Ok(host)) = (self.pasids, Pasid::try_from(handle)) {
+            self.released.push(host);
+        }
+    }
+}
+
+impl BindingRefs<'_> {
+    /// Gives back the references released meanwhile (without the model's
+    /// lock: the last reference of a freed PASID is journaled).
+    pub(crate) fn finish(mut self) {
+        let PasidService::Global(shared) = self.pasids else {
+            return;
+        };
+        if self.released.is_empty() {
+            return;
+        }
+        let mut m = shared.lock();
+        for host in self.released.drain(..) {
+            if let Err(e) = m.put(host) {
+                warn!("giving back the binding reference of PASID {host}: {e}");
+            }
+        }
     }
 }

@@ -381,15 +381,38 @@ impl PasidManager {
 
     /// Every set of the host, with liveness.
     pub fn host_sets(&self) -> Result<Vec<SetStatus>, StoreError> {
+        self.host_sets_reader().read()
+    }
+
+    /// A reader of the host's sets that does not need the manager, so
+    /// that reading the database (which may wait on the disk or another
+    /// daemon's transaction) holds up no PASID request.
+    pub fn host_sets_reader(&self) -> HostSets {
+        HostSets {
+            store: self.store.clone(),
+            dir: self.options.state_dir.clone(),
+        }
+    }
+}
+
+/// Reads the sets of the host from the state database.
+pub struct HostSets {
+    store: Arc<Mutex<Store>>,
+    dir: PathBuf,
+}
+
+impl HostSets {
+    /// Every set of the host, with liveness.
+    pub fn read(&self) -> Result<Vec<SetStatus>, StoreError> {
         let records = self
             .store
             .lock()
             .map_err(|_| StoreError::Inconsistent {
-                path: self.options.state_dir.clone(),
+                path: self.dir.clone(),
                 detail: "state store lock poisoned".into(),
             })?
             .sets()?;
-        with_liveness(&self.options.state_dir, records)
+        with_liveness(&self.dir, records)
     }
 }
 

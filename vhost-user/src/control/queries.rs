@@ -17,7 +17,7 @@ use std::{
 };
 
 use log::warn;
-use viommu::{error::status_name, wire::*};
+use viommu::{error::status_name, table::TableSpec, wire::*};
 use viommu_protocol::{
     messages::{Query as QueryMsg, QueryReply},
     query::*,
@@ -117,6 +117,7 @@ pub(crate) fn answer(iommu: &Iommu, q: &Query) -> String {
             limit,
         } => to_json(mappings(iommu, *domain, *from, *limit)),
         Query::Stats => to_json(Ok(stats(iommu))),
+        Query::PasidTables { endpoint } => to_json(Ok(pasid_tables(iommu, *endpoint))),
         Query::Pasids { from, limit } => to_json(pasids(iommu, *from, *limit)),
     }
 }
@@ -211,6 +212,9 @@ fn stats(iommu: &Iommu) -> StatsReply {
         probe: by(VIRTIO_IOMMU_T_PROBE),
         pasid_alloc: by(VIRTIO_IOMMU_T_PASID_ALLOC),
         pasid_free: by(VIRTIO_IOMMU_T_PASID_FREE),
+        attach_table: by(VIRTIO_IOMMU_T_ATTACH_TABLE),
+        invalidate: by(VIRTIO_IOMMU_T_INVALIDATE),
+        detach_table: by(VIRTIO_IOMMU_T_DETACH_TABLE),
         other: s.by_type[0],
     };
     let errors = (1..=VIRTIO_IOMMU_S_NOMEM)
@@ -237,6 +241,65 @@ fn stats(iommu: &Iommu) -> StatsReply {
         clients_refused: load(&hub.stats.refused),
         clients_dropped: load(&hub.stats.dropped),
     }
+}
+
+fn table_info(endpoint: u32, pasid: u32, domain: u32, table: &TableSpec) -> TableInfo {
+    let mut t = TableInfo {
+        endpoint,
+        pasid,
+        domain,
+        format: String::new(),
+        root: 0,
+        addr_width: None,
+        fl_flags: None,
+        s1fmt: None,
+        s1dss: None,
+        s1cdmax: None,
+    };
+    match table {
+        TableSpec::Vtd(v) => {
+            let c = v.config();
+            t.format = "vtd".into();
+            t.root = c.pgd;
+            t.addr_width = Some(c.addr_width);
+            t.fl_flags = Some(c.fl_flags);
+        }
+        TableSpec::SmmuCd { table, s1dss } => {
+            let c = table.config();
+            t.format = "smmuv3".into();
+            t.root = c.s1contextptr;
+            t.s1fmt = Some(c.s1fmt);
+            t.s1dss = Some(*s1dss);
+            t.s1cdmax = Some(c.s1cdmax);
+        }
+    }
+    t
+}
+
+/// Every bound table: the tables of endpoints' domains (PASID 0), then
+/// the PASID bindings, by endpoint.
+fn pasid_tables(iommu: &Iommu, only: Option<u32>) -> PasidTablesReply {
+    let model = iommu.model();
+    let wanted = |ep: u32| only.is_none_or(|o| o == ep);
+    let mut tables: Vec<TableInfo> = model
+        .attached_endpoints()
+        .filter(|&(ep, _)| wanted(ep))
+        .filter_map(|(ep, d)| {
+            let table = model.domains().get(&d)?.table.as_ref()?;
+            Some(table_info(ep, 0, d, table))
+        })
+        .collect();
+    for ((ep, pasid), b) in model.bindings().filter(|((ep, _), _)| wanted(*ep)) {
+        if let Some(table) = model
+            .domains()
+            .get(&b.domain)
+            .and_then(|d| d.table.as_ref())
+        {
+            tables.push(table_info(ep, pasid, b.domain, table));
+        }
+    }
+    tables.sort_unstable_by_key(|t| (t.endpoint, t.pasid));
+    PasidTablesReply { tables }
 }
 
 fn pasids(iommu: &Iommu, from: u32, limit: Option<usize>) -> Result<PasidsReply, String> {
@@ -273,9 +336,13 @@ fn pasids(iommu: &Iommu, from: u32, limit: Option<usize>) -> Result<PasidsReply,
         })
         .collect();
     let next = it.next().map(|p| p.host);
-    // Host-wide sets only with the first page.
+    let reader = m.host_sets_reader();
+    drop(m);
+    // Host-wide sets only with the first page, read without holding the
+    // manager (the worker may need it for a guest request).
     let sets = if from == 0 {
-        m.host_sets()
+        reader
+            .read()
             .map_err(|e| format!("state database: {}", report(&e)))?
             .iter()
             .map(|s| s.info(Some(&opts.vm_id)))

@@ -108,7 +108,7 @@ impl Iotlb {
             e.page.va <= end && start <= e.page.va + (e.page.page_size() - 1)
         };
         match *inv {
-            Invalidation::All => return self.clear(),
+            Invalidation::All => self.clear(),
             Invalidation::Endpoint(ep) => self.retain_spaces(|&(e, _, _)| e != ep),
             Invalidation::Binding { endpoint, pasid } => {
                 self.retain_spaces(|&(e, p, _)| (e, p) != (endpoint, pasid))

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod driver;
+pub mod tables;
 
 use std::{
     fs::File,
@@ -437,6 +438,43 @@ impl Guest {
     pub fn request<T: ByteValued>(&mut self, req: &T) -> u8 {
         let c = self.submit(&[(readable_part(req), REQ_TAIL_SIZE)]);
         c[0].status().expect("request completed with used length 0")
+    }
+
+    /// Sends one request given by its device-readable bytes (with a
+    /// 4-byte writable tail) and returns its status.
+    pub fn request_ro(&mut self, readable: &[u8]) -> u8 {
+        let c = self.submit(&[(readable, REQ_TAIL_SIZE)]);
+        c[0].status().expect("request completed with used length 0")
+    }
+
+    /// ATTACH_TABLE of a VT-d first-stage table.
+    pub fn attach_table_vtd(
+        &mut self,
+        domain: u32,
+        endpoint: u32,
+        pasid: u32,
+        pgd: u64,
+        addr_width: u32,
+    ) -> u8 {
+        let req = AttachTableVtdReq::new(domain, endpoint, pasid, pgd, addr_width);
+        self.request_ro(req.as_slice())
+    }
+
+    /// DETACH_TABLE of (endpoint, pasid) from domain.
+    pub fn detach_table(&mut self, domain: u32, endpoint: u32, pasid: u32) -> u8 {
+        self.request(&DetachTableReq::new(domain, endpoint, pasid))
+    }
+
+    /// INVALIDATE of `nr_pages` 4 KiB pages from `va` of (domain, pasid).
+    pub fn invalidate_range(&mut self, domain: u32, pasid: u32, va: u64, nr_pages: u64) -> u8 {
+        let req = InvalidateReq::new(
+            VIRTIO_IOMMU_INV_G_VA,
+            VIRTIO_IOMMU_INV_T_IOTLB | VIRTIO_IOMMU_INV_T_DEV_IOTLB,
+            domain,
+        )
+        .with_pasid(pasid)
+        .with_range(va, nr_pages, 12);
+        self.request(&req)
     }
 
     pub fn attach(&mut self, domain: u32, endpoint: u32) -> u8 {

@@ -17,7 +17,8 @@ use viommu_protocol::{
 /// Where the replay stands.
 enum Step {
     Bypass,
-    /// Domain `i`: its endpoints from `endpoint`.
+    /// Domain `i`: its endpoints from `endpoint` (each with the domain's
+    /// table, if it has one).
     Endpoints {
         i: usize,
         endpoint: usize,
@@ -26,6 +27,11 @@ enum Step {
     Mappings {
         i: usize,
         from: u64,
+    },
+    /// Domain `i`: its PASID bindings from `binding`.
+    Bindings {
+        i: usize,
+        binding: usize,
     },
     Done,
 }
@@ -72,6 +78,17 @@ impl Replay {
                                     bypass: d.bypass,
                                 },
                             );
+                            if let Some(table) = d.table {
+                                event(
+                                    out,
+                                    StateChange::TableBound {
+                                        endpoint: ep,
+                                        domain: *id,
+                                        pasid: 0,
+                                        table,
+                                    },
+                                );
+                            }
                             self.step = Step::Endpoints {
                                 i,
                                 endpoint: endpoint + 1,
@@ -98,11 +115,34 @@ impl Replay {
                     }
                     self.step = match next {
                         Some(from) => Step::Mappings { i, from },
-                        None => Step::Endpoints {
-                            i: i + 1,
-                            endpoint: 0,
-                        },
+                        None => Step::Bindings { i, binding: 0 },
                     };
+                }
+                Step::Bindings { i, binding } => {
+                    let (id, d) = &self.snapshot.domains[i];
+                    match (d.bound.get(binding), d.table) {
+                        (Some(&(endpoint, pasid)), Some(table)) => {
+                            event(
+                                out,
+                                StateChange::TableBound {
+                                    endpoint,
+                                    domain: *id,
+                                    pasid,
+                                    table,
+                                },
+                            );
+                            self.step = Step::Bindings {
+                                i,
+                                binding: binding + 1,
+                            };
+                        }
+                        _ => {
+                            self.step = Step::Endpoints {
+                                i: i + 1,
+                                endpoint: 0,
+                            }
+                        }
+                    }
                 }
                 Step::Done => return true,
             }

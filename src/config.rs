@@ -9,6 +9,7 @@ use vm_memory::ByteValued;
 
 use crate::{
     parse::{parse_u32, parse_u32_range, ParseError},
+    prq::Limits,
     wire::*,
 };
 
@@ -280,6 +281,9 @@ pub struct DeviceConfig {
     pub output_bits: u8,
     /// At most this many PASID bindings per endpoint.
     pub max_bindings_per_endpoint: usize,
+    /// Offer `VIRTIO_IOMMU_F_PAGE_REQUEST` (with ATTACH_TABLE) and bound
+    /// the page-request groups with these limits; `None`: not offered.
+    pub page_requests: Option<Limits>,
 }
 
 impl Default for DeviceConfig {
@@ -306,6 +310,7 @@ impl Default for DeviceConfig {
             endpoint_pasid_bits: 20,
             output_bits: 48,
             max_bindings_per_endpoint: 1024,
+            page_requests: Some(Limits::default()),
         }
     }
 }
@@ -351,8 +356,13 @@ impl DeviceConfig {
         if self.table_formats.any() && self.max_bindings_per_endpoint == 0 {
             return Err(ConfigError::Zero("max_bindings_per_endpoint"));
         }
+        if let Some(l) = &self.page_requests {
+            if l.groups_per_endpoint == 0 || l.groups_total == 0 {
+                return Err(ConfigError::Zero("page-request groups"));
+            }
+        }
         let mut props = Vec::new();
-        self.probe_properties(true, &mut props);
+        self.probe_properties(true, true, &mut props);
         let need = props.len();
         if self.probe_size != 0 && (self.probe_size as usize) < need {
             return Err(ConfigError::ProbeSizeTooSmall {
@@ -396,14 +406,19 @@ impl DeviceConfig {
         }
         if self.table_formats.any() {
             f |= 1 << VIRTIO_IOMMU_F_ATTACH_TABLE;
+            // Page requests are about bound tables: never without them.
+            if self.page_requests.is_some() {
+                f |= 1 << VIRTIO_IOMMU_F_PAGE_REQUEST;
+            }
         }
         f
     }
 
     /// Appends the PROBE properties of every endpoint to `out`: RESV_MEM,
     /// then, when the driver negotiated ATTACH_TABLE (`tables`), the
-    /// output and PASID widths and the table formats.
-    pub fn probe_properties(&self, tables: bool, out: &mut Vec<u8>) {
+    /// output and PASID widths and the table formats, and when it also
+    /// negotiated PAGE_REQUEST (`page_requests`), PAGE_REQUEST.
+    pub fn probe_properties(&self, tables: bool, page_requests: bool, out: &mut Vec<u8>) {
         let header = |prop_type: u16, total: usize| ProbeProperty {
             prop_type: prop_type.into(),
             // Property sizes are small constants.
@@ -458,6 +473,21 @@ impl DeviceConfig {
                 format: VIRTIO_IOMMU_PSTF_ARM_SMMU_V3.into(),
                 reserved: [0; 2],
                 flags: VIRTIO_IOMMU_PST_ARM_SMMU3_F_CD2L.into(),
+            };
+            out.extend_from_slice(prop.as_slice());
+        }
+        if let (true, Some(limits)) = (page_requests, &self.page_requests) {
+            // A PAGE_RESP names its group with the group's PASID.
+            let prop = ProbePageRequest {
+                head: header(
+                    VIRTIO_IOMMU_PROBE_T_PAGE_REQUEST,
+                    std::mem::size_of::<ProbePageRequest>(),
+                ),
+                flags: (VIRTIO_IOMMU_PROBE_PAGE_REQUEST_F_PRI
+                    | VIRTIO_IOMMU_PROBE_PAGE_REQUEST_F_RESP_PASID)
+                    .into(),
+                max_outstanding_groups: limits.groups_per_endpoint.into(),
+                reserved: [0; 4],
             };
             out.extend_from_slice(prop.as_slice());
         }
@@ -567,14 +597,15 @@ mod tests {
     #[test]
     fn probe_size_must_hold_the_extension_properties_too() {
         let cfg = DeviceConfig {
-            probe_size: 79,
+            probe_size: 95,
             reserved_regions: vec![X86_MSI_WINDOW],
             ..Default::default()
         };
-        // RESV_MEM 24, OUTPUT_SIZE 8, PASID_SIZE 8, PGT_VTD 24, PSTF 16.
+        // RESV_MEM 24, OUTPUT_SIZE 8, PASID_SIZE 8, PGT_VTD 24, PSTF 16,
+        // PAGE_REQUEST 16.
         assert_eq!(
             cfg.validate(),
-            Err(ConfigError::ProbeSizeTooSmall { size: 79, need: 80 })
+            Err(ConfigError::ProbeSizeTooSmall { size: 95, need: 96 })
         );
     }
 

@@ -8,7 +8,10 @@
 //! It never panics on guest input: malformed requests are dropped (used
 //! length 0) and refused ones carry a status code.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use log::{debug, trace};
 use thiserror::Error;
@@ -20,7 +23,10 @@ use crate::{
     error::{status_of, RequestError},
     mapping::{Mapping, MappingTree},
     pasid::{Pasid, PasidError},
-    prq::PasidRefs,
+    prq::{
+        read_page_resp, Answer, AutoCause, Delivery, PageRequest, PageRequests, PasidRefs, Raised,
+        SourceId,
+    },
     table::{read_attach_table, read_invalidate, AttachTable, Binding, TableSpec, UncountedPasids},
     wire::*,
 };
@@ -239,6 +245,10 @@ pub struct Viommu {
     stats: RequestStats,
     /// Changes since the last `take_changes`, when recording is on.
     changes: Option<Vec<StateChange>>,
+    /// Page-request groups from the daemon's sources.
+    page_requests: PageRequests,
+    /// Answers to groups decided since the last `take_answers`.
+    answers: Vec<Answer>,
 }
 
 impl Viommu {
@@ -248,7 +258,6 @@ impl Viommu {
         Viommu {
             granule_mask: config.granule() - 1,
             bypass: config.boot_bypass && config.bypass_config,
-            config,
             acked: 0,
             endpoints: HashMap::new(),
             domains: HashMap::new(),
@@ -256,6 +265,9 @@ impl Viommu {
             reply_buf: Vec::new(),
             stats: RequestStats::default(),
             changes: None,
+            page_requests: PageRequests::new(config.page_requests.unwrap_or_default()),
+            answers: Vec::new(),
+            config,
         }
     }
 
@@ -277,6 +289,12 @@ impl Viommu {
     /// Records the device feature bits the driver accepted.
     pub fn set_acked_features(&mut self, features: u64) {
         self.acked = features & self.device_features();
+        if !self.acked(VIRTIO_IOMMU_F_PAGE_REQUEST) {
+            // Nothing can be in flight before features are set; a driver
+            // that renegotiates without the feature takes no more events.
+            let answers = self.page_requests.cancel_all(AutoCause::NotNegotiated);
+            self.answers.extend(answers);
+        }
     }
 
     /// Device feature bits the driver accepted.
@@ -321,6 +339,8 @@ impl Viommu {
     /// only return to its initial value on system reset), negotiated
     /// features do not.
     pub fn reset(&mut self, refs: &mut dyn PasidRefs) {
+        let answers = self.page_requests.cancel_all(AutoCause::Reset);
+        self.answers.extend(answers);
         for ((endpoint, pasid), b) in std::mem::take(&mut self.bindings) {
             refs.release(endpoint, pasid, b.handle);
         }
@@ -404,6 +424,98 @@ impl Viommu {
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default()
+    }
+
+    /// The page-request groups (for inspection and statistics).
+    pub fn page_requests(&self) -> &PageRequests {
+        &self.page_requests
+    }
+
+    /// Answers to page-request groups decided since the last call (by the
+    /// guest's PAGE_RESP or by the device). Send each to its source, then
+    /// [`Answer::finish`] it.
+    #[must_use = "send every answer, then finish it"]
+    pub fn take_answers(&mut self) -> Vec<Answer> {
+        std::mem::take(&mut self.answers)
+    }
+
+    /// Takes a page request from a source at time `now`. A group that
+    /// completes is returned for the event queue; a request the device
+    /// cannot take is answered at once (driver without
+    /// `VIRTIO_IOMMU_F_PAGE_REQUEST`, unknown endpoint, nothing bound at
+    /// its PASID, a limit). The group takes a reference on its PASID
+    /// through `refs`, given back when its answer is finished.
+    #[must_use = "put the group on the event queue, then report how it went"]
+    pub fn raise_page_request(
+        &mut self,
+        request: PageRequest,
+        now: Duration,
+        refs: &mut dyn PasidRefs,
+    ) -> Option<Delivery> {
+        let key = request.key;
+        let raised = if !self.acked(VIRTIO_IOMMU_F_PAGE_REQUEST) {
+            self.page_requests.refuse(request, AutoCause::NotNegotiated)
+        } else if self
+            .table_for(key.endpoint, key.pasid.unwrap_or(0))
+            .is_none()
+        {
+            // Only a bound table can be fixed by the guest.
+            self.page_requests.refuse(request, AutoCause::Refused)
+        } else {
+            self.page_requests.raise(request, now, refs)
+        };
+        match raised {
+            Raised::Deliver(delivery) => return Some(delivery),
+            Raised::Answer(answer) => self.answers.push(answer),
+            Raised::Pending | Raised::StopMarker => {}
+        }
+        None
+    }
+
+    /// A group ID for a request of (`endpoint`, `pasid`) whose source does
+    /// not number its groups (a device model's translation).
+    pub fn free_group_id(&mut self, endpoint: u32, pasid: Option<u32>) -> Option<u16> {
+        self.page_requests.free_group_id(endpoint, pasid)
+    }
+
+    /// Reports how putting a group on the event queue went: delivered, or
+    /// answered INVALID for `failed`.
+    pub fn page_request_delivered(&mut self, delivery: Delivery, failed: Option<AutoCause>) {
+        match failed {
+            None => {
+                self.page_requests.delivered(delivery);
+            }
+            Some(cause) => {
+                if let Some(answer) = self.page_requests.undeliverable(delivery, cause) {
+                    self.answers.push(answer);
+                }
+            }
+        }
+    }
+
+    /// Answers INVALID every group the guest did not answer in time.
+    pub fn expire_page_requests(&mut self, now: Duration) {
+        let answers = self.page_requests.expire(now);
+        self.answers.extend(answers);
+    }
+
+    /// When [`Self::expire_page_requests`] next has something to do.
+    pub fn next_page_request_deadline(&self) -> Option<Duration> {
+        self.page_requests.next_deadline()
+    }
+
+    /// Answers every group INVALID for `cause` (the frontend went away:
+    /// the guest cannot answer what it was sent).
+    pub fn cancel_page_requests(&mut self, cause: AutoCause) {
+        self.cancel_groups(|p| p.cancel_all(cause));
+    }
+
+    /// `source` can take no answer any more: its groups are dropped
+    /// unanswered and their PASID references given back through `refs`.
+    pub fn page_request_source_gone(&mut self, source: SourceId, refs: &mut dyn PasidRefs) {
+        for hold in self.page_requests.source_gone(source) {
+            hold.release(refs);
+        }
     }
 
     fn record(&mut self, change: StateChange) {
@@ -580,9 +692,23 @@ impl Viommu {
             VIRTIO_IOMMU_T_PASID_FREE if self.acked(VIRTIO_IOMMU_F_PASID_ALLOC) => {
                 match read_request::<PasidFreeReq>(request, req_type) {
                     Ok(req) => match pasid_free(&req) {
-                        Ok(op) => return Response::Pasid(op),
+                        Ok(op) => {
+                            // No request that carries the PASID may be in
+                            // flight once it is free: answer them now.
+                            let pasid = req.pasid.to_native();
+                            self.cancel_groups(|p| {
+                                p.cancel_pasid_everywhere(pasid, AutoCause::PasidFreed)
+                            });
+                            return Response::Pasid(op);
+                        }
                         Err(e) => Err(e),
                     },
+                    Err(drop) => return Response::Drop(drop),
+                }
+            }
+            VIRTIO_IOMMU_T_PAGE_RESP if self.acked(VIRTIO_IOMMU_F_PAGE_REQUEST) => {
+                match read_request::<PageRespReq>(request, req_type) {
+                    Ok(req) => self.page_resp(&req),
                     Err(drop) => return Response::Drop(drop),
                 }
             }
@@ -634,6 +760,7 @@ impl Viommu {
         }
         // Checks are done: from here on nothing fails.
         if let Some(old) = old {
+            self.cancel_groups(|p| p.cancel_untagged(endpoint, AutoCause::Detached));
             self.remove_endpoint(endpoint, old);
         }
         let domain = self
@@ -682,8 +809,10 @@ impl Viommu {
                 domain: domain_id,
             });
         }
-        // The endpoint leaves the IOMMU's care: its PASID bindings go
-        // first, so nothing it does is translated through them any more.
+        // The endpoint leaves the IOMMU's care: its page requests are
+        // answered, its PASID bindings go, so nothing it does is
+        // translated through them any more.
+        self.cancel_groups(|p| p.cancel_endpoint(endpoint, AutoCause::Detached));
         let pasids: Vec<u32> = self
             .bindings
             .range((endpoint, 0)..=(endpoint, u32::MAX))
@@ -792,6 +921,7 @@ impl Viommu {
             return Ok(());
         }
         if let Some(old) = old {
+            self.cancel_groups(|p| p.cancel_untagged(endpoint, AutoCause::Detached));
             self.remove_endpoint(endpoint, old);
         }
         self.domains
@@ -815,12 +945,14 @@ impl Viommu {
         Ok(())
     }
 
-    /// Removes the (endpoint, PASID) binding, if any: its domain goes when
-    /// unused, its PASID reference is given back.
+    /// Removes the (endpoint, PASID) binding, if any: its page requests
+    /// are answered, its domain goes when unused, its PASID reference is
+    /// given back.
     fn unbind(&mut self, endpoint: u32, pasid: u32, refs: &mut dyn PasidRefs) {
         let Some(b) = self.bindings.remove(&(endpoint, pasid)) else {
             return;
         };
+        self.cancel_groups(|p| p.cancel_pasid(endpoint, pasid, AutoCause::Unbound));
         if let Some(d) = self.domains.get_mut(&b.domain) {
             d.bound.retain(|&k| k != (endpoint, pasid));
             if d.is_unused() {
@@ -878,6 +1010,23 @@ impl Viommu {
         trace!("INVALIDATE {inv:?}");
         self.record(StateChange::TableInvalidate(inv));
         Ok(())
+    }
+
+    /// PAGE_RESP: the guest's answer to a group in flight goes to the
+    /// group's source.
+    fn page_resp(&mut self, req: &PageRespReq) -> Result<(), RequestError> {
+        let (key, code) = read_page_resp(req)?;
+        let answer = self.page_requests.respond(key, code)?;
+        trace!("PAGE_RESP {key}: {}", code.name());
+        self.answers.push(answer);
+        Ok(())
+    }
+
+    /// Runs a cancellation of page-request groups; their answers join
+    /// the ones [`Self::take_answers`] hands out.
+    fn cancel_groups(&mut self, cancel: impl FnOnce(&mut PageRequests) -> Vec<Answer>) {
+        let answers = cancel(&mut self.page_requests);
+        self.answers.extend(answers);
     }
 
     fn map(&mut self, req: &MapReq) -> Result<(), RequestError> {
@@ -1001,8 +1150,10 @@ impl Viommu {
         // Extension properties only for a driver that negotiated their
         // feature: the mainline driver logs every unknown property.
         let tables = self.acked(VIRTIO_IOMMU_F_ATTACH_TABLE);
+        let page_requests = self.acked(VIRTIO_IOMMU_F_PAGE_REQUEST);
         self.reply_buf.clear();
-        self.config.probe_properties(tables, &mut self.reply_buf);
+        self.config
+            .probe_properties(tables, page_requests, &mut self.reply_buf);
         // `DeviceConfig::validate` guarantees the properties fit.
         self.reply_buf.resize(size, 0);
         debug!(

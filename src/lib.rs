@@ -40,6 +40,8 @@ pub use mapping::{Mapping, MappingTree};
 pub use translate::{Access, Fault, TranslateError, Translation};
 
 #[cfg(test)]
+mod page_request_tests;
+#[cfg(test)]
 mod spec_tests;
 #[cfg(test)]
 mod table_tests;

@@ -173,7 +173,7 @@ impl PasidRef {
     }
 
     /// Drops the reference.
-    pub fn release(self, refs: &mut impl PasidRefs) {
+    pub fn release(self, refs: &mut (impl PasidRefs + ?Sized)) {
         refs.release(self.endpoint, self.pasid, self.handle);
         // Released: the leak report of `Drop` does not apply.
         std::mem::forget(self);
@@ -226,7 +226,7 @@ impl Answer {
 
     /// Ends the group once its answer has been sent: drops its PASID
     /// reference, if any.
-    pub fn finish(self, refs: &mut impl PasidRefs) {
+    pub fn finish(self, refs: &mut (impl PasidRefs + ?Sized)) {
         if let Some(hold) = self.hold {
             hold.release(refs);
         }

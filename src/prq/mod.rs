@@ -232,6 +232,8 @@ pub struct PageRequests {
     /// Every group's deadline (partial groups always have one).
     deadlines: BTreeSet<(Duration, GroupKey)>,
     next_serial: u64,
+    /// Where [`PageRequests::free_group_id`] looks next.
+    next_group_id: u16,
     counters: Counters,
 }
 
@@ -244,6 +246,7 @@ impl PageRequests {
             in_flight: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             next_serial: 0,
+            next_group_id: 0,
             counters: Counters::default(),
         }
     }
@@ -293,7 +296,7 @@ impl PageRequests {
         &mut self,
         request: PageRequest,
         now: Duration,
-        refs: &mut impl PasidRefs,
+        refs: &mut (impl PasidRefs + ?Sized),
     ) -> Raised {
         if request.is_stop_marker() {
             self.counters.stop_markers += 1;
@@ -429,6 +432,46 @@ impl PageRequests {
     pub fn cancel_pasid(&mut self, endpoint: u32, pasid: u32, cause: AutoCause) -> Vec<Answer> {
         let (first, last) = GroupKey::of_pasid(endpoint, pasid);
         self.cancel(first..=last, |_, _| true, cause)
+    }
+
+    /// Answers every PASID-less group of `endpoint` INVALID for `cause`
+    /// and forgets its partial ones (ATTACH to another domain: DMA without
+    /// PASID now goes elsewhere; the endpoint's PASID bindings stay).
+    #[must_use = "send every answer, then finish it"]
+    pub fn cancel_untagged(&mut self, endpoint: u32, cause: AutoCause) -> Vec<Answer> {
+        let key = |group_id| GroupKey {
+            endpoint,
+            pasid: None,
+            group_id,
+        };
+        self.cancel(key(0)..=key(u16::MAX), |_, _| true, cause)
+    }
+
+    /// A group ID no group of (`endpoint`, `pasid`) uses, for a source
+    /// that does not number its groups itself (a device model's
+    /// translation). IDs go round the 9 bits of a PCIe PRGI, so a late
+    /// PAGE_RESP for an old group is unlikely to name a new one. `None`
+    /// when every ID is taken.
+    pub fn free_group_id(&mut self, endpoint: u32, pasid: Option<u32>) -> Option<u16> {
+        const PRGI_IDS: u16 = 512;
+        for _ in 0..PRGI_IDS {
+            let group_id = self.next_group_id % PRGI_IDS;
+            self.next_group_id = self.next_group_id.wrapping_add(1);
+            let key = GroupKey {
+                endpoint,
+                pasid,
+                group_id,
+            };
+            if !self.in_flight.contains_key(&key) && !self.partial.contains_key(&key) {
+                return Some(group_id);
+            }
+        }
+        None
+    }
+
+    /// Groups in flight (raised, not yet answered).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// [`PageRequests::cancel_pasid`] on every endpoint (PASID_FREE of a

@@ -504,11 +504,7 @@ impl Viommu {
         if req.reserved != [0; 4] {
             return Err(RequestError::ReservedNotZero);
         }
-        let known = if self.acked(VIRTIO_IOMMU_F_BYPASS_CONFIG) {
-            VIRTIO_IOMMU_ATTACH_F_BYPASS
-        } else {
-            0
-        };
+        let known = known_attach_flags(self.acked);
         if flags & !known != 0 {
             return Err(RequestError::UnknownFlags(flags & !known));
         }
@@ -596,10 +592,7 @@ impl Viommu {
         let (start, end) = (req.virt_start.to_native(), req.virt_end.to_native());
         let phys = req.phys_start.to_native();
         let flags = req.flags.to_native();
-        let mut known = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
-        if self.acked(VIRTIO_IOMMU_F_MMIO) {
-            known |= VIRTIO_IOMMU_MAP_F_MMIO;
-        }
+        let known = known_map_flags(self.acked);
         let Some(domain) = self.domains.get(&domain_id) else {
             return Err(RequestError::NoSuchDomain(domain_id));
         };
@@ -609,29 +602,7 @@ impl Viommu {
         if domain.bypass {
             return Err(RequestError::BypassDomain(domain_id));
         }
-        if end < start {
-            return Err(RequestError::InvertedRange { start, end });
-        }
-        for addr in [start, phys, end.wrapping_add(1)] {
-            if addr & self.granule_mask != 0 {
-                return Err(RequestError::Misaligned(addr));
-            }
-        }
-        let (lo, hi) = self.config.input_range;
-        if start < lo || end > hi {
-            return Err(RequestError::OutsideInputRange { start, end });
-        }
-        if phys.checked_add(end - start).is_none() {
-            return Err(RequestError::PhysOverflow(phys));
-        }
-        if self
-            .config
-            .reserved_regions
-            .iter()
-            .any(|r| r.start <= end && start <= r.end)
-        {
-            return Err(RequestError::ReservedRegion { start, end });
-        }
+        check_map_range(&self.config, self.granule_mask, start, end, phys)?;
         if domain.mappings.overlaps(start, end) {
             return Err(RequestError::Overlap { start, end });
         }
@@ -730,6 +701,59 @@ impl Viommu {
         );
         Ok(())
     }
+}
+
+/// ATTACH flags the driver may use, given the features it accepted.
+pub(crate) fn known_attach_flags(acked: u64) -> u32 {
+    if acked & (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG) != 0 {
+        VIRTIO_IOMMU_ATTACH_F_BYPASS
+    } else {
+        0
+    }
+}
+
+/// MAP flags the driver may use, given the features it accepted.
+pub(crate) fn known_map_flags(acked: u64) -> u32 {
+    let mut known = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+    if acked & (1 << VIRTIO_IOMMU_F_MMIO) != 0 {
+        known |= VIRTIO_IOMMU_MAP_F_MMIO;
+    }
+    known
+}
+
+/// The rules the range of every mapping follows, whoever creates it: a
+/// MAP request, or a restored state (`state::decode`). `granule_mask` is
+/// the configuration's granule minus one.
+pub(crate) fn check_map_range(
+    config: &DeviceConfig,
+    granule_mask: u64,
+    start: u64,
+    end: u64,
+    phys: u64,
+) -> Result<(), RequestError> {
+    if end < start {
+        return Err(RequestError::InvertedRange { start, end });
+    }
+    for addr in [start, phys, end.wrapping_add(1)] {
+        if addr & granule_mask != 0 {
+            return Err(RequestError::Misaligned(addr));
+        }
+    }
+    let (lo, hi) = config.input_range;
+    if start < lo || end > hi {
+        return Err(RequestError::OutsideInputRange { start, end });
+    }
+    if phys.checked_add(end - start).is_none() {
+        return Err(RequestError::PhysOverflow(phys));
+    }
+    if config
+        .reserved_regions
+        .iter()
+        .any(|r| r.start <= end && start <= r.end)
+    {
+        return Err(RequestError::ReservedRegion { start, end });
+    }
+    Ok(())
 }
 
 /// Checks a PASID_ALLOC request; the allocation itself is the PASID

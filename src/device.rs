@@ -20,6 +20,7 @@ use crate::{
     error::{status_of, RequestError},
     mapping::{Mapping, MappingTree},
     pasid::{Pasid, PasidError},
+    state::{DeviceState, ModelState, StateError},
     wire::*,
 };
 
@@ -321,6 +322,49 @@ impl Viommu {
             bypass: self.bypass,
             domains,
         }
+    }
+
+    /// What [`crate::state::encode`] saves of the device: the negotiated
+    /// features and [`Self::snapshot`]. The transport adds the guest's
+    /// PASIDs and the events waiting for a buffer, which it keeps.
+    pub fn device_state(&self) -> DeviceState {
+        DeviceState {
+            acked_features: self.acked,
+            iommu: self.snapshot(),
+            guest_pasids: Vec::new(),
+            pending_events: Vec::new(),
+        }
+    }
+
+    /// Replaces the IOMMU state (negotiated features, `bypass`,
+    /// endpoints, domains and mappings) with `state`, decoded from a blob
+    /// against this device's configuration by [`crate::state::decode`].
+    /// Request counters are kept. Records [`StateChange::Reset`], and the
+    /// new `bypass` value if it changed: what the world outside knew of
+    /// the device is stale.
+    ///
+    /// Fails, changing nothing, if `state` was checked against another
+    /// configuration.
+    pub fn restore(&mut self, state: ModelState) -> Result<(), StateError> {
+        if state.config != self.config {
+            return Err(StateError::OtherDevice);
+        }
+        let old_bypass = self.bypass;
+        self.acked = state.acked;
+        self.bypass = state.bypass;
+        self.endpoints = state.endpoints;
+        self.domains = state.domains;
+        self.record(StateChange::Reset);
+        if self.bypass != old_bypass {
+            self.record(StateChange::Bypass(self.bypass));
+        }
+        debug!(
+            "state restored: {} domains, {} endpoints attached, bypass {}",
+            self.domains.len(),
+            self.endpoints.len(),
+            self.bypass
+        );
+        Ok(())
     }
 
     /// The domain an endpoint is attached to.

@@ -9,11 +9,17 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{io::Write, time::Duration};
 
 use common::{load_state, open_frontend, save_state, Daemon, Guest, GuestOptions, DATA_AREA};
 use serde_json::Value;
-use vhost::{vhost_user::VhostUserFrontend, VhostBackend};
+use vhost::{
+    vhost_user::{
+        message::{VhostTransferStateDirection, VhostTransferStatePhase},
+        VhostUserFrontend,
+    },
+    VhostBackend,
+};
 use viommu::{wire::*, StateChange};
 use viommu_client::{Access, Client, Event, Options, Subscription};
 use vm_memory::ByteValued;
@@ -372,4 +378,36 @@ fn control_clients_learn_that_the_state_was_replaced() {
         .filter(|c| matches!(c, StateChange::Map { .. }))
         .count();
     assert_eq!(maps, 3);
+}
+
+#[test]
+fn a_transfer_does_not_outlive_its_connection() {
+    let a = Daemon::start(&[]);
+    let mut source = busy_guest(&a);
+    source.stop();
+    let blob = save_state(&source.fe).expect("SAVE");
+
+    let b = Daemon::start(&[]);
+    let (fe, _) = open_frontend(&b.socket, &source.mem, true);
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    let returned = fe
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            reader.into(),
+        )
+        .unwrap();
+    assert!(returned.is_none());
+    writer.write_all(&blob).unwrap();
+    drop(writer);
+    // The VMM goes away before CHECK_DEVICE_STATE.
+    drop(fe);
+    b.wait_for(
+        || b.log_text().contains("state transfer was never checked"),
+        "the transfer to be abandoned",
+    );
+    let (fe, _) = open_frontend(&b.socket, &source.mem, true);
+    assert!(fe.check_device_state().is_err());
+    assert_eq!(b.ctl(&["domains"])["domains"], serde_json::json!([]));
+    assert!(pasids(&b).is_empty());
 }

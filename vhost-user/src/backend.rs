@@ -193,11 +193,18 @@ impl IommuBackend {
     /// Drops everything that belonged to the last connection.
     pub fn end_connection(&self) {
         self.iommu.events().reset(true);
-        let mut rq = lock(&self.requestq);
-        rq.vring = None;
-        rq.stopped_at = None;
-        rq.state = RingState::Running;
+        {
+            let mut rq = lock(&self.requestq);
+            rq.vring = None;
+            rq.stopped_at = None;
+            rq.state = RingState::Running;
+        }
         self.iommu.set_memory(None);
+        // A state transfer belongs to the connection that started it; an
+        // unchecked LOAD is never applied by another one.
+        if let Some((direction, _)) = lock(&self.transfer).take() {
+            warn!("a {direction:?} state transfer was never checked; abandoned");
+        }
     }
 
     fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {

@@ -27,6 +27,7 @@ use crate::{
         read_page_resp, Answer, AutoCause, Delivery, PageRequest, PageRequests, PasidRefs, Raised,
         SourceId,
     },
+    state::{DeviceState, ModelState, StateError},
     table::{read_attach_table, read_invalidate, AttachTable, Binding, TableSpec, UncountedPasids},
     wire::*,
 };
@@ -45,8 +46,9 @@ pub struct Domain {
     /// Set by ATTACH_TABLE: the domain translates through this guest
     /// table, and MAP/UNMAP are refused.
     pub table: Option<TableSpec>,
-    /// (endpoint, PASID) bindings through this domain's table, in bind
-    /// order. A domain exists while it has endpoints or bindings.
+    /// (endpoint, PASID) bindings through this domain's table, in
+    /// (endpoint, PASID) order. A domain exists while it has endpoints or
+    /// bindings.
     pub bound: Vec<(u32, u32)>,
 }
 
@@ -373,6 +375,73 @@ impl Viommu {
             bypass: self.bypass,
             domains,
         }
+    }
+
+    /// What [`crate::state::encode`] saves of the device: the negotiated
+    /// features and [`Self::snapshot`]. The transport adds the guest's
+    /// PASIDs and the events waiting for a buffer, which it keeps.
+    pub fn device_state(&self) -> DeviceState {
+        DeviceState {
+            acked_features: self.acked,
+            iommu: self.snapshot(),
+            bindings: self.bindings.iter().map(|(&k, b)| (k, b.domain)).collect(),
+            guest_pasids: Vec::new(),
+            pending_events: Vec::new(),
+        }
+    }
+
+    /// Replaces the IOMMU state (negotiated features, `bypass`,
+    /// endpoints, domains, mappings, tables and PASID bindings) with
+    /// `state`, decoded from a blob against this device's configuration
+    /// by [`crate::state::decode`]. Each restored binding takes its PASID
+    /// reference through `refs`; the bindings and page requests it
+    /// replaces end as a reset ends them. Request counters are kept.
+    /// Records [`StateChange::Reset`], and the new `bypass` value if it
+    /// changed: what the world outside knew of the device is stale.
+    ///
+    /// Fails, changing nothing, if `state` was checked against another
+    /// configuration or a binding's PASID cannot be referenced.
+    pub fn restore(
+        &mut self,
+        state: ModelState,
+        refs: &mut dyn PasidRefs,
+    ) -> Result<(), StateError> {
+        if state.config != self.config {
+            return Err(StateError::OtherDevice);
+        }
+        let mut bindings = BTreeMap::new();
+        for (&(endpoint, pasid), &domain) in &state.bindings {
+            let Some(handle) = refs.take(endpoint, pasid) else {
+                for ((e, p), b) in bindings {
+                    let b: Binding = b;
+                    refs.release(e, p, b.handle);
+                }
+                return Err(StateError::BindingRefused { endpoint, pasid });
+            };
+            bindings.insert((endpoint, pasid), Binding { domain, handle });
+        }
+        // Checks are done: from here on nothing fails.
+        self.cancel_groups(|p| p.cancel_all(AutoCause::Reset));
+        for ((endpoint, pasid), b) in std::mem::replace(&mut self.bindings, bindings) {
+            refs.release(endpoint, pasid, b.handle);
+        }
+        let old_bypass = self.bypass;
+        self.acked = state.acked;
+        self.bypass = state.bypass;
+        self.endpoints = state.endpoints;
+        self.domains = state.domains;
+        self.record(StateChange::Reset);
+        if self.bypass != old_bypass {
+            self.record(StateChange::Bypass(self.bypass));
+        }
+        debug!(
+            "state restored: {} domains, {} endpoints attached, {} PASID bindings, bypass {}",
+            self.domains.len(),
+            self.endpoints.len(),
+            self.bindings.len(),
+            self.bypass
+        );
+        Ok(())
     }
 
     /// The domain an endpoint is attached to.
@@ -727,11 +796,7 @@ impl Viommu {
         if req.reserved != [0; 4] {
             return Err(RequestError::ReservedNotZero);
         }
-        let known = if self.acked(VIRTIO_IOMMU_F_BYPASS_CONFIG) {
-            VIRTIO_IOMMU_ATTACH_F_BYPASS
-        } else {
-            0
-        };
+        let known = known_attach_flags(self.acked);
         if flags & !known != 0 {
             return Err(RequestError::UnknownFlags(flags & !known));
         }
@@ -749,10 +814,7 @@ impl Viommu {
             Some(_) if old == Some(domain_id) => return Ok(()),
             Some(_) => {}
             None => {
-                // Moving the last endpoint out of its old domain frees a slot.
-                let frees_one = old
-                    .and_then(|o| self.domains.get(&o))
-                    .is_some_and(|d| d.endpoints.len() == 1);
+                let frees_one = self.move_frees_domain(endpoint);
                 if self.domains.len() - usize::from(frees_one) >= self.config.max_domains {
                     return Err(RequestError::TooManyDomains(self.config.max_domains));
                 }
@@ -779,6 +841,15 @@ impl Viommu {
             bypass,
         });
         Ok(())
+    }
+
+    /// Whether moving `endpoint` to another domain destroys its current
+    /// one: it is the last endpoint there and no PASID is bound to it.
+    fn move_frees_domain(&self, endpoint: u32) -> bool {
+        self.endpoints
+            .get(&endpoint)
+            .and_then(|o| self.domains.get(o))
+            .is_some_and(|d| d.endpoints.len() == 1 && d.bound.is_empty())
     }
 
     /// Detaches `endpoint` from `domain_id`, destroying the domain (and its
@@ -853,10 +924,12 @@ impl Viommu {
                 return Err(RequestError::TableMismatch(domain_id))
             }
             Some(_) => {}
-            None if self.domains.len() >= self.config.max_domains => {
-                return Err(RequestError::TooManyDomains(self.config.max_domains))
+            None => {
+                let frees_one = pasid == 0 && self.move_frees_domain(endpoint);
+                if self.domains.len() - usize::from(frees_one) >= self.config.max_domains {
+                    return Err(RequestError::TooManyDomains(self.config.max_domains));
+                }
             }
-            None => {}
         }
         if pasid == 0 {
             return self.attach_table_domain(endpoint, domain_id, table);
@@ -894,11 +967,15 @@ impl Viommu {
                 handle,
             },
         );
-        self.domains
+        let bound = &mut self
+            .domains
             .entry(domain_id)
             .or_insert_with(|| Domain::new(false, Some(table)))
-            .bound
-            .push((endpoint, pasid));
+            .bound;
+        // Kept in order, so a domain's bindings read the same however
+        // they were made (and restored).
+        let at = bound.partition_point(|&k| k < (endpoint, pasid));
+        bound.insert(at, (endpoint, pasid));
         debug!("ATTACH_TABLE endpoint {endpoint} PASID {pasid} to domain {domain_id}");
         self.record(StateChange::TableBound {
             endpoint,
@@ -1034,10 +1111,7 @@ impl Viommu {
         let (start, end) = (req.virt_start.to_native(), req.virt_end.to_native());
         let phys = req.phys_start.to_native();
         let flags = req.flags.to_native();
-        let mut known = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
-        if self.acked(VIRTIO_IOMMU_F_MMIO) {
-            known |= VIRTIO_IOMMU_MAP_F_MMIO;
-        }
+        let known = known_map_flags(self.acked);
         let Some(domain) = self.domains.get(&domain_id) else {
             return Err(RequestError::NoSuchDomain(domain_id));
         };
@@ -1050,29 +1124,7 @@ impl Viommu {
         if domain.table.is_some() {
             return Err(RequestError::TableDomain(domain_id));
         }
-        if end < start {
-            return Err(RequestError::InvertedRange { start, end });
-        }
-        for addr in [start, phys, end.wrapping_add(1)] {
-            if addr & self.granule_mask != 0 {
-                return Err(RequestError::Misaligned(addr));
-            }
-        }
-        let (lo, hi) = self.config.input_range;
-        if start < lo || end > hi {
-            return Err(RequestError::OutsideInputRange { start, end });
-        }
-        if phys.checked_add(end - start).is_none() {
-            return Err(RequestError::PhysOverflow(phys));
-        }
-        if self
-            .config
-            .reserved_regions
-            .iter()
-            .any(|r| r.start <= end && start <= r.end)
-        {
-            return Err(RequestError::ReservedRegion { start, end });
-        }
+        check_map_range(&self.config, self.granule_mask, start, end, phys)?;
         if domain.mappings.overlaps(start, end) {
             return Err(RequestError::Overlap { start, end });
         }
@@ -1162,6 +1214,59 @@ impl Viommu {
         );
         Ok(())
     }
+}
+
+/// ATTACH flags the driver may use, given the features it accepted.
+pub(crate) fn known_attach_flags(acked: u64) -> u32 {
+    if acked & (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG) != 0 {
+        VIRTIO_IOMMU_ATTACH_F_BYPASS
+    } else {
+        0
+    }
+}
+
+/// MAP flags the driver may use, given the features it accepted.
+pub(crate) fn known_map_flags(acked: u64) -> u32 {
+    let mut known = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+    if acked & (1 << VIRTIO_IOMMU_F_MMIO) != 0 {
+        known |= VIRTIO_IOMMU_MAP_F_MMIO;
+    }
+    known
+}
+
+/// The rules the range of every mapping follows, whoever creates it: a
+/// MAP request, or a restored state (`state::decode`). `granule_mask` is
+/// the configuration's granule minus one.
+pub(crate) fn check_map_range(
+    config: &DeviceConfig,
+    granule_mask: u64,
+    start: u64,
+    end: u64,
+    phys: u64,
+) -> Result<(), RequestError> {
+    if end < start {
+        return Err(RequestError::InvertedRange { start, end });
+    }
+    for addr in [start, phys, end.wrapping_add(1)] {
+        if addr & granule_mask != 0 {
+            return Err(RequestError::Misaligned(addr));
+        }
+    }
+    let (lo, hi) = config.input_range;
+    if start < lo || end > hi {
+        return Err(RequestError::OutsideInputRange { start, end });
+    }
+    if phys.checked_add(end - start).is_none() {
+        return Err(RequestError::PhysOverflow(phys));
+    }
+    if config
+        .reserved_regions
+        .iter()
+        .any(|r| r.start <= end && start <= r.end)
+    {
+        return Err(RequestError::ReservedRegion { start, end });
+    }
+    Ok(())
 }
 
 /// Checks a PASID_ALLOC request; the allocation itself is the PASID

@@ -59,6 +59,30 @@ impl TableSpec {
         }
     }
 
+    /// The device-readable part of the ATTACH_TABLE that binds this table
+    /// to (`domain`, `endpoint`, `pasid`): how a saved state stores a
+    /// table, so that loading it goes through [`read_attach_table`] like a
+    /// guest's request.
+    pub fn attach_request(&self, domain: u32, endpoint: u32, pasid: u32) -> [u8; ATTACH_TABLE_RO] {
+        let mut out = [0u8; ATTACH_TABLE_RO];
+        match self {
+            TableSpec::Vtd(t) => {
+                let c = t.config();
+                let mut r = AttachTableVtdReq::new(domain, endpoint, pasid, c.pgd, c.addr_width);
+                r.fl_flags = c.fl_flags.into();
+                out.copy_from_slice(vm_memory::ByteValued::as_slice(&r));
+            }
+            TableSpec::SmmuCd { table, s1dss } => {
+                let c = table.config();
+                let mut r =
+                    AttachTableSmmuReq::new(domain, endpoint, c.s1fmt, c.s1cdmax, c.s1contextptr);
+                r.s1dss = *s1dss;
+                out.copy_from_slice(vm_memory::ByteValued::as_slice(&r));
+            }
+        }
+        out
+    }
+
     /// Walks the table for `ssid` (the PASID; 0 for DMA without PASID).
     fn walk<M: TableMemory + ?Sized>(
         &self,

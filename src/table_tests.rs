@@ -452,6 +452,28 @@ fn the_endpoint_binding_cap_is_nomem() {
 }
 
 #[test]
+fn a_domain_that_keeps_bindings_still_counts_against_the_domain_cap() {
+    let s = X86Space::new();
+    let mut d = Dev::new(
+        DeviceConfig {
+            max_domains: 2,
+            ..Default::default()
+        },
+        TABLE_FEATURES,
+    );
+    // Domain 100 holds EP's PASID 1 and, by ATTACH, its DMA without PASID.
+    assert_eq!(d.status(bind(s.pgd, 100, EP, 1).as_slice()), Some(0));
+    assert_eq!(d.status(AttachReq::new(100, EP, 0).as_slice()), Some(0));
+    assert_eq!(d.status(AttachReq::new(1, EP2, 0).as_slice()), Some(0));
+    // Moving EP out does not free domain 100: the binding keeps it.
+    assert_eq!(
+        d.status(AttachReq::new(2, EP, 0).as_slice()),
+        Some(VIRTIO_IOMMU_S_NOMEM)
+    );
+    assert_eq!(d.dev.domains().len(), 2);
+}
+
+#[test]
 fn malformed_attach_table_requests_get_the_documented_status() {
     let s = X86Space::new();
     let mut d = dev();

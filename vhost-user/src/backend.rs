@@ -7,18 +7,25 @@
 //! refused ones with a status, and a ring whose indexes make no sense is
 //! stopped (see [`RingState`]). Callbacks return `Err` only for conditions
 //! that really are fatal for the connection (vhost-user-backend closes it
-//! on any `Err`).
+//! on any `Err`), with two exceptions that the library answers with a
+//! failure code and goes on: `set_device_state_fd` and
+//! `check_device_state`, through which a refused device state is
+//! reported to the frontend.
 
 use std::{
+    fs::File,
     io,
     sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use log::{debug, error, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use viommu::{device::Response, wire::CONFIG_BYPASS_OFFSET};
+use viommu::{device::Response, state, wire::CONFIG_BYPASS_OFFSET};
 use virtio_bindings::{
     virtio_config::VIRTIO_F_VERSION_1,
     virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
@@ -36,6 +43,7 @@ use crate::{
     hub::lock,
     iommu::{Iommu, Mem},
     ratelimit::RateLimited,
+    transfer::{Outcome, Transfer, MAX_STATE_SIZE, TRANSFER_TIMEOUT},
 };
 
 /// Index of the request queue.
@@ -78,6 +86,9 @@ pub struct IommuBackend {
     iommu: Arc<Iommu>,
     requestq: Mutex<RequestQueueState>,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    /// The device state transfer the frontend started and has not yet
+    /// checked (SET_DEVICE_STATE_FD, then CHECK_DEVICE_STATE).
+    transfer: Mutex<Option<(VhostTransferStateDirection, Transfer)>>,
     /// Errors the guest can repeat are logged at most once a second.
     guest_errors: RateLimited,
 }
@@ -92,6 +103,7 @@ impl IommuBackend {
                 ..Default::default()
             }),
             exit: Mutex::new(None),
+            transfer: Mutex::new(None),
             guest_errors: RateLimited::new(Duration::from_secs(1)),
         }
     }
@@ -109,14 +121,91 @@ impl IommuBackend {
         Ok(())
     }
 
+    /// Starts a device state transfer (SET_DEVICE_STATE_FD): SAVE
+    /// gathers the state now and writes it on a helper thread; LOAD
+    /// reads it on a helper thread. Either is finished by
+    /// [`Self::finish_transfer`].
+    fn start_transfer(
+        &self,
+        direction: VhostTransferStateDirection,
+        file: File,
+    ) -> io::Result<Transfer> {
+        match direction {
+            VhostTransferStateDirection::SAVE => {
+                let (config, saved) = self.iommu.save_state().map_err(|e| {
+                    error!("device state not saved: {}", report(&e));
+                    io::Error::other(e)
+                })?;
+                let encode =
+                    move || Ok::<_, std::convert::Infallible>(state::encode(&config, &saved));
+                Transfer::save(file, encode, MAX_STATE_SIZE, TRANSFER_TIMEOUT)
+            }
+            VhostTransferStateDirection::LOAD => {
+                Transfer::load(file, MAX_STATE_SIZE, TRANSFER_TIMEOUT)
+            }
+        }
+    }
+
+    /// Waits for a transfer to end and, for a LOAD, restores the state
+    /// it brought: the device changes only if all of it is accepted.
+    fn finish_transfer(&self, transfer: Transfer) -> Result<(), String> {
+        let outcome = transfer.finish().map_err(|e| report(&e))?;
+        let blob = match outcome {
+            Outcome::Saved(n) => {
+                info!("device state saved: {n} bytes");
+                return Ok(());
+            }
+            Outcome::Loaded(blob) => blob,
+        };
+        let r = self.iommu.restore_state(&blob).map_err(|e| report(&e))?;
+        info!(
+            "device state restored from {} bytes: {} domains, {} mappings, {} endpoints \
+             attached, {} PASID bindings, PASIDs {:?} ({} kept), {} pending events",
+            blob.len(),
+            r.domains,
+            r.mappings,
+            r.endpoints,
+            r.bindings,
+            r.pasids.taken,
+            r.pasids.kept.len(),
+            r.events,
+        );
+        if !r.pasids.extra.is_empty() {
+            info!(
+                "PASIDs {:?} freed: the restored guest does not have them",
+                r.pasids.extra
+            );
+        }
+        if !r.skipped_sections.is_empty() {
+            warn!(
+                "optional sections {:?} of a later state format skipped",
+                r.skipped_sections
+            );
+        }
+        if r.subscribers_disconnected > 0 {
+            info!(
+                "{} subscribed control clients disconnected, to reconnect for the new state",
+                r.subscribers_disconnected
+            );
+        }
+        Ok(())
+    }
+
     /// Drops everything that belonged to the last connection.
     pub fn end_connection(&self) {
         self.iommu.events().reset(true);
-        let mut rq = lock(&self.requestq);
-        rq.vring = None;
-        rq.stopped_at = None;
-        rq.state = RingState::Running;
+        {
+            let mut rq = lock(&self.requestq);
+            rq.vring = None;
+            rq.stopped_at = None;
+            rq.state = RingState::Running;
+        }
         self.iommu.set_memory(None);
+        // A state transfer belongs to the connection that started it; an
+        // unchecked LOAD is never applied by another one.
+        if let Some((direction, _)) = lock(&self.transfer).take() {
+            warn!("a {direction:?} state transfer was never checked; abandoned");
+        }
     }
 
     fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
@@ -335,6 +424,7 @@ impl VhostUserBackend for IommuBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::DEVICE_STATE
     }
 
     fn reset_device(&self) {
@@ -410,6 +500,38 @@ impl VhostUserBackend for IommuBackend {
             _ => {}
         }
         Ok(())
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        // STOPPED is the only phase: the frontend stopped the rings.
+        debug!("state transfer: {direction:?} in phase {phase:?}");
+        let transfer = self.start_transfer(direction, file)?;
+        if let Some((old, _)) = lock(&self.transfer).replace((direction, transfer)) {
+            warn!("a {old:?} state transfer that was never checked is abandoned");
+        }
+        // The data goes through the descriptor the frontend gave.
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        let Some((direction, transfer)) = lock(&self.transfer).take() else {
+            warn!("CHECK_DEVICE_STATE without a state transfer");
+            return Err(io::Error::other("no state transfer to check"));
+        };
+        self.finish_transfer(transfer).map_err(|e| {
+            match direction {
+                VhostTransferStateDirection::SAVE => error!("device state not saved: {e}"),
+                VhostTransferStateDirection::LOAD => {
+                    error!("device state refused, the device is unchanged: {e}")
+                }
+            }
+            io::Error::other(e)
+        })
     }
 
     fn handle_event(

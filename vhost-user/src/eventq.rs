@@ -20,8 +20,9 @@ use crate::chain::Request;
 type Mem = crate::iommu::Mem;
 
 /// Events kept while the driver has posted no buffer. Beyond this, new
-/// events are dropped: the first faults of a burst say the most.
-const MAX_PENDING: usize = 256;
+/// events are dropped: the first faults of a burst say the most. A saved
+/// device state carries as many.
+const MAX_PENDING: usize = viommu::state::MAX_PENDING_EVENTS;
 
 /// Largest event record (the extended page-request record is 48 bytes).
 pub const MAX_EVENT: usize = 64;
@@ -101,6 +102,31 @@ impl EventQueue {
             self.pop_available(mem);
         }
         self.flush(mem);
+    }
+
+    /// The events waiting for a buffer, oldest first (to save them with
+    /// the device state).
+    pub fn pending_records(&self) -> Vec<Vec<u8>> {
+        self.pending.iter().map(|(r, n)| r[..*n].to_vec()).collect()
+    }
+
+    /// Replaces the events waiting for a buffer with `records`, oldest
+    /// first (a restored device state, which holds at most as many as
+    /// the queue keeps). They are delivered like any pending event.
+    pub fn replace_pending(&mut self, records: &[Vec<u8>]) {
+        self.pending.clear();
+        for r in records {
+            self.post_later(r);
+        }
+    }
+
+    /// Delivers pending events into the buffers the driver made
+    /// available, if any.
+    pub fn deliver(&mut self, mem: &Mem) {
+        if !self.pending.is_empty() {
+            self.pop_available(mem);
+            self.flush(mem);
+        }
     }
 
     /// Queues `record` until the next refill (no guest memory yet).

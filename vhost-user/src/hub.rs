@@ -334,6 +334,23 @@ impl Hub {
         self.notify_acked();
     }
 
+    /// Disconnects every subscriber, saying `reason`: the device state
+    /// was replaced as a whole, which only the replay a new connection
+    /// gets can tell them. Returns how many.
+    pub(crate) fn disconnect_subscribers(&self, reason: &str) -> usize {
+        let clients = lock(&self.clients);
+        let dropped = clients
+            .iter()
+            .filter(|c| c.subscribes() && c.kill(reason.to_owned()))
+            .count();
+        if dropped > 0 {
+            // The control server closes them (and counts them) when it
+            // wakes up.
+            self.wake_server();
+        }
+        dropped
+    }
+
     /// Queues what `changes` mean for each registered client; called with
     /// the model's write lock held, so a translation reply computed
     /// before the change (under the read lock) is queued before it.

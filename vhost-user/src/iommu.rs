@@ -28,6 +28,7 @@ use viommu::{
     iotlb::Iotlb,
     pasid::{Pasid, PasidError},
     prq::PasidRefs,
+    state::{self, DeviceState, StateError},
     DeviceConfig, Viommu,
 };
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -35,7 +36,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::{
     eventq::{EventQueue, EventStats},
     hub::{lock, Hub},
-    pasid_manager::PasidService,
+    pasid_manager::{AdoptedPasids, PasidRestoreError, PasidService},
 };
 
 /// Guest memory of the current frontend connection.
@@ -75,6 +76,49 @@ pub enum SetupError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] io::Error),
+}
+
+/// Why the device state cannot be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// A PASID the guest did not allocate with PASID_ALLOC, which the
+    /// state format cannot carry yet.
+    #[error(
+        "guest PASID {guest} is mapped to host PASID {host}; the state format saves only \
+         PASIDs the guest allocated with PASID_ALLOC"
+    )]
+    TranslatedPasid { guest: Pasid, host: Pasid },
+}
+
+/// Why a saved device state was refused. The device is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The blob is not a state this device could have.
+    #[error("invalid device state")]
+    State(#[from] StateError),
+    /// The guest's PASIDs cannot be had on this host.
+    #[error("the guest's PASIDs cannot be restored")]
+    Pasids(#[from] PasidRestoreError),
+    /// The saved guest holds PASIDs and this daemon allocates none. (The
+    /// offered features differ then, so the decoder refuses it first.)
+    #[error("the saved guest holds PASIDs; this daemon runs without --pasid-mode global")]
+    NoPasidAllocator,
+}
+
+/// What a restore brought back, for the log.
+#[derive(Debug)]
+pub struct Restored {
+    pub domains: usize,
+    pub mappings: usize,
+    pub endpoints: usize,
+    /// PASID bindings of guest tables.
+    pub bindings: usize,
+    pub pasids: AdoptedPasids,
+    pub events: usize,
+    /// Optional sections of a later format version, skipped.
+    pub skipped_sections: Vec<u32>,
+    /// Subscribed control clients disconnected to get a new replay.
+    pub subscribers_disconnected: usize,
 }
 
 /// The IOMMU of one VM: everything that outlives a frontend connection.
@@ -236,6 +280,97 @@ impl Iommu {
             PasidOp::Alloc { min, max } => m.alloc(min, max),
             PasidOp::Free { pasid } => m.free(pasid).map(|()| 0),
         }
+    }
+
+    /// The device state to save and the configuration it belongs to:
+    /// the model (a copy-on-write snapshot, taken under its read lock),
+    /// the guest's PASIDs and the events waiting for a buffer. The
+    /// frontend has stopped the device, so the three agree.
+    pub(crate) fn save_state(&self) -> Result<(DeviceConfig, DeviceState), SaveError> {
+        let (config, mut state) = {
+            let model = self.model();
+            (model.config().clone(), model.device_state())
+        };
+        state.pending_events = self.events().pending_records();
+        if let PasidService::Global(shared) = &self.pasids {
+            for p in shared.lock().pasids().into_iter().filter(|p| p.active) {
+                match p.guest {
+                    Some(guest) if guest == p.host => state.guest_pasids.push(guest),
+                    Some(guest) => {
+                        return Err(SaveError::TranslatedPasid {
+                            guest,
+                            host: p.host,
+                        })
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok((config, state))
+    }
+
+    /// Replaces the device state with the one saved in `blob`, all or
+    /// nothing: the blob is decoded and checked against this device
+    /// first, then the guest's PASIDs are taken back (the PASID
+    /// manager's lock is not held with the model's), and only then is
+    /// the model swapped, under its write lock. Control clients that
+    /// cache translations are told to drop them all; subscribers are
+    /// disconnected, to reconnect for a replay of the new state.
+    pub(crate) fn restore_state(&self, blob: &[u8]) -> Result<Restored, RestoreError> {
+        let config = self.model().config().clone();
+        let loaded = state::decode(blob, &config)?;
+        let pasids = if loaded.guest_pasids.is_empty() {
+            AdoptedPasids::default()
+        } else if let PasidService::Global(shared) = &self.pasids {
+            shared.lock().adopt_guest_pasids(&loaded.guest_pasids)?
+        } else {
+            return Err(RestoreError::NoPasidAllocator);
+        };
+        let mut restored = Restored {
+            domains: loaded.model.domains().len(),
+            mappings: loaded.model.mappings(),
+            endpoints: loaded
+                .model
+                .domains()
+                .values()
+                .map(|d| d.endpoints.len())
+                .sum(),
+            bindings: loaded.model.bindings().len(),
+            pasids,
+            events: loaded.pending_events.len(),
+            skipped_sections: loaded.skipped_sections,
+            subscribers_disconnected: 0,
+        };
+        // Bindings take their PASID references under the model's lock
+        // (memory only); the old ones are given back after the publish.
+        let mut refs = self.binding_refs();
+        let mut model = self.model_mut();
+        if let Err(e) = model.restore(loaded.model, &mut refs) {
+            drop(model);
+            refs.finish();
+            if let PasidService::Global(shared) = &self.pasids {
+                shared.lock().release_taken(&restored.pasids.taken);
+            }
+            return Err(e.into());
+        }
+        restored.subscribers_disconnected = self
+            .hub
+            .disconnect_subscribers("the device state was restored from a snapshot");
+        self.events().replace_pending(&loaded.pending_events);
+        self.publish(model);
+        refs.finish();
+        if let Some(mem) = self.memory() {
+            self.events().deliver(&mem);
+        }
+        if let PasidService::Global(shared) = &self.pasids {
+            let mut m = shared.lock();
+            for &pasid in &restored.pasids.extra {
+                if let Err(e) = m.free(pasid) {
+                    warn!("freeing PASID {pasid}, which the restored guest does not have: {e}");
+                }
+            }
+        }
+        Ok(restored)
     }
 
     /// Device reset (by the driver): the guest forgot its tables, its

@@ -18,4 +18,5 @@ pub mod pasid_manager;
 pub mod pasid_store;
 pub(crate) mod ratelimit;
 pub(crate) mod replay;
+pub mod transfer;
 pub mod viot;

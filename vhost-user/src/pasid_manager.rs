@@ -54,6 +54,43 @@ pub enum ManagerError {
     },
 }
 
+/// Why the PASIDs of a saved guest cannot be taken on this host
+/// (docs/extension-spec.md, "Snapshot and restore").
+#[derive(Debug, Error)]
+pub enum PasidRestoreError {
+    #[error("the saved guest holds {count} PASIDs, more than this VM's quota of {quota}")]
+    Quota { count: usize, quota: u32 },
+    #[error("guest PASID {pasid} does not fit this host's PASID width (--pasid-bits {bits})")]
+    Width { pasid: Pasid, bits: u8 },
+    #[error(
+        "guest PASID {pasid} must stay host PASID {pasid}, which lies in a block of host \
+         PASIDs leased to VM `{vm_id}` on this host"
+    )]
+    Taken { pasid: Pasid, vm_id: String },
+    #[error("guest PASID {pasid} is in use in this VM's set: {detail}")]
+    InUse { pasid: Pasid, detail: String },
+    #[error("host PASID {pasid} cannot be taken")]
+    Alloc {
+        pasid: Pasid,
+        #[source]
+        source: PasidError,
+    },
+    #[error("this VM's PASID set is unusable")]
+    Set(#[source] PasidError),
+}
+
+/// What [`PasidManager::adopt_guest_pasids`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AdoptedPasids {
+    /// PASIDs taken (and journaled) for the saved guest.
+    pub taken: Vec<Pasid>,
+    /// PASIDs of the saved guest that the set already held.
+    pub kept: Vec<Pasid>,
+    /// Active PASIDs of the set that the saved guest does not have; the
+    /// caller frees them once the restore is committed.
+    pub extra: Vec<Pasid>,
+}
+
 /// One PASID of this daemon's set, for inspection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PasidEntry {
@@ -313,6 +350,121 @@ impl PasidManager {
             freed += 1;
         }
         Ok(freed)
+    }
+
+    /// Takes host PASIDs `pasids` (increasing) for a guest restored from
+    /// a snapshot, which allocated them with PASID_ALLOC elsewhere: the
+    /// guest uses them as they are, so each must be this very host
+    /// PASID here. One the set holds for the same guest PASID is kept;
+    /// a free one is taken (leasing its block if no VM holds it) and
+    /// journaled. All or nothing: on any refusal what was taken is freed
+    /// again and the set is as it was.
+    pub fn adopt_guest_pasids(
+        &mut self,
+        pasids: &[Pasid],
+    ) -> Result<AdoptedPasids, PasidRestoreError> {
+        let quota = self.options.quota;
+        if pasids.len() > quota as usize {
+            return Err(PasidRestoreError::Quota {
+                count: pasids.len(),
+                quota,
+            });
+        }
+        let max = self.alloc.max_pasid();
+        if let Some(&pasid) = pasids.iter().find(|&&p| p == 0 || p > max) {
+            return Err(PasidRestoreError::Width {
+                pasid,
+                bits: self.options.bits,
+            });
+        }
+        let mut done = AdoptedPasids::default();
+        let mut wanted = Vec::new();
+        // Conflicts first, while nothing has changed.
+        for &pasid in pasids {
+            let in_use = |detail: String| PasidRestoreError::InUse { pasid, detail };
+            match self.translator.host_of(self.set, pasid) {
+                Some(host) if host == pasid => done.kept.push(pasid),
+                Some(host) => return Err(in_use(format!("mapped to host PASID {host}"))),
+                None => match self.alloc.state(pasid) {
+                    Some(st) if !st.active => {
+                        return Err(in_use(format!(
+                            "freed by the guest, {} references left",
+                            st.refs
+                        )))
+                    }
+                    Some(_) => {
+                        let guest = self.translator.guest_of(pasid).unwrap_or(0);
+                        return Err(in_use(format!("the host PASID of guest PASID {guest}")));
+                    }
+                    None => wanted.push(pasid),
+                },
+            }
+        }
+        done.extra = self
+            .pasids()
+            .into_iter()
+            .filter(|p| p.active)
+            .filter_map(|p| p.guest)
+            .filter(|g| pasids.binary_search(g).is_err())
+            .collect();
+        // The set's extra PASIDs still count until they are freed, after
+        // the restore: lift the quota meanwhile (checked above).
+        let lifted = quota.saturating_add(u32::try_from(pasids.len()).unwrap_or(u32::MAX));
+        self.alloc
+            .set_quota(self.set, lifted)
+            .map_err(PasidRestoreError::Set)?;
+        let mut result = Ok(());
+        for &pasid in &wanted {
+            result = self.take(pasid);
+            if result.is_err() {
+                break;
+            }
+            done.taken.push(pasid);
+        }
+        if let Err(e) = self.alloc.set_quota(self.set, quota) {
+            warn!(
+                "PASID quota of VM `{}` not restored: {e}",
+                self.options.vm_id
+            );
+        }
+        match result {
+            Ok(()) => Ok(done),
+            Err(e) => {
+                self.release_taken(&done.taken);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes host PASID `pasid` for the guest as guest PASID `pasid`.
+    fn take(&mut self, pasid: Pasid) -> Result<(), PasidRestoreError> {
+        let alloc_err = |source| PasidRestoreError::Alloc { pasid, source };
+        match self.alloc.alloc(self.set, pasid..=pasid) {
+            Ok(host) => self.journal_new(host, host).map(drop).map_err(alloc_err),
+            Err(e @ PasidError::Exhausted { .. }) => {
+                let holder = self.store().map(|mut s| s.lease_holder(pasid));
+                match holder {
+                    Ok(Ok(Some(vm_id))) if vm_id != self.options.vm_id => {
+                        Err(PasidRestoreError::Taken { pasid, vm_id })
+                    }
+                    _ => Err(alloc_err(e)),
+                }
+            }
+            Err(e) => Err(alloc_err(e)),
+        }
+    }
+
+    /// Frees PASIDs that [`Self::adopt_guest_pasids`] took, for a restore
+    /// that did not happen.
+    pub fn release_taken(&mut self, taken: &[Pasid]) {
+        for &pasid in taken {
+            if let Err(e) = self.free(pasid) {
+                warn!(
+                    "PASID {pasid} of VM `{}` taken for a restore that failed: {e}",
+                    self.options.vm_id
+                );
+            }
+        }
     }
 
     /// Takes a reference to active host PASID `host` of the set.

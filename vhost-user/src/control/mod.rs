@@ -333,7 +333,9 @@ impl Server {
         let stats = &self.iommu.hub().stats;
         match &conn.stage {
             Stage::Active(client) => {
-                if let Some(why) = why {
+                // A client the hub killed may be seen hanging up (its
+                // socket was shut down) before it is swept.
+                if let Some(why) = why.or_else(|| client.death()) {
                     // The hub logged its own reasons when it killed.
                     client.kill(why);
                     stats.dropped.fetch_add(1, Ordering::Relaxed);

@@ -411,3 +411,44 @@ fn a_transfer_does_not_outlive_its_connection() {
     assert_eq!(b.ctl(&["domains"])["domains"], serde_json::json!([]));
     assert!(pasids(&b).is_empty());
 }
+
+#[test]
+fn bound_tables_move_with_the_guest_and_keep_their_pasids() {
+    use common::tables::{TableArena, X86Table, RW as PTE_RW, US};
+    use viommu::pgtable::PageAccess;
+    const EP: u32 = 0x28;
+    let a = Daemon::start(&[]);
+    let mut g = Guest::connect(&a.socket, GuestOptions::default());
+    let (status, pasid) = g.pasid_alloc(1, 100);
+    assert_eq!(status, VIRTIO_IOMMU_S_OK);
+    let arena = TableArena::new(&g.mem, 0x80_0000, 0xc0_0000);
+    let t = X86Table::new(&arena, 4);
+    let va = 0x7f00_0000_1000;
+    t.map(va, 1, DATA_AREA + 0x3000, PTE_RW | US);
+    let st = g.attach_table_vtd(100, EP, pasid, t.root, t.addr_width());
+    assert_eq!(st, VIRTIO_IOMMU_S_OK);
+    let tables_on_a = a.ctl(&["pasid-tables"]);
+
+    let bases = g.stop();
+    let blob = save_state(&g.fe).expect("SAVE");
+    let b = Daemon::start(&[]);
+    let mut g = g.migrate(&b.socket, &blob, bases);
+    assert_eq!(b.ctl(&["pasid-tables"]), tables_on_a);
+    let pasids_on_b = b.ctl(&["pasids"]);
+    let p = &pasids_on_b["pasids"][0];
+    assert_eq!(
+        (p["host"].as_u64(), p["refs"].as_u64()),
+        (Some(u64::from(pasid)), Some(2))
+    );
+    let vmm = Client::connect(&b.control, Options::default()).unwrap();
+    let s = vmm
+        .translate_pasid(EP, pasid, va + 8, 8, PageAccess::WRITE)
+        .unwrap();
+    assert_eq!(s[0].gpa, DATA_AREA + 0x3008);
+    // The binding still holds the PASID on B: freed, it stays reserved
+    // until DETACH_TABLE.
+    assert_eq!(g.pasid_free(pasid), VIRTIO_IOMMU_S_OK);
+    assert_eq!(g.detach_table(100, EP, pasid), VIRTIO_IOMMU_S_OK);
+    assert_eq!(b.ctl(&["pasid-tables"])["tables"], serde_json::json!([]));
+    assert!(b.errors().is_empty(), "{:?}", b.errors());
+}

@@ -372,7 +372,11 @@ fn unknown_optional_sections_are_skipped_and_unknown_required_ones_refused() {
     );
     // An empty PASID_TABLES section is known, and holds nothing.
     let tables = with_section(&blob, section::PASID_TABLES, SECTION_F_REQUIRED, &[0; 8]);
-    assert!(decode(&tables, &config()).unwrap().model.bindings().is_empty());
+    assert!(decode(&tables, &config())
+        .unwrap()
+        .model
+        .bindings()
+        .is_empty());
     let twice = with_section(&blob, section::PENDING_EVENTS, 0, &[0; 8]);
     assert_eq!(
         decode(&twice, &config()).err(),

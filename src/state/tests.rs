@@ -1247,7 +1247,7 @@ fn tables_the_device_could_not_have_are_refused() {
     ));
     // Tables on a driver that did not negotiate them.
     let mut dev = Viommu::new(config());
-    dev.set_acked_features(!0 & !(1 << VIRTIO_IOMMU_F_ATTACH_TABLE));
+    dev.set_acked_features(!(1 << VIRTIO_IOMMU_F_ATTACH_TABLE));
     let plain_base = encode(&config(), &dev.device_state());
     let blob = with_section(
         &plain_base,

@@ -921,6 +921,56 @@ pub const REQ_HEAD_SIZE: usize = std::mem::size_of::<ReqHead>();
 /// Size of the status tail.
 pub const REQ_TAIL_SIZE: usize = std::mem::size_of::<ReqTail>();
 
+// The host side of page requests: the Linux iommufd fault queue
+// (`IOMMU_FAULT_QUEUE_ALLOC`, include/uapi/linux/iommufd.h), whose
+// records a VMM hands the daemon to forward to the guest.
+
+/// `iommu_hwpt_pgfault::flags`: `pasid` is valid.
+pub const IOMMU_PGFAULT_FLAGS_PASID_VALID: u32 = 1 << 0;
+/// `iommu_hwpt_pgfault::flags`: the last request of its group.
+pub const IOMMU_PGFAULT_FLAGS_LAST_PAGE: u32 = 1 << 1;
+/// `iommu_hwpt_page_response::code`: the pages are mapped.
+pub const IOMMUFD_PAGE_RESP_SUCCESS: u32 = 0;
+/// `iommu_hwpt_page_response::code`: the request cannot be served.
+pub const IOMMUFD_PAGE_RESP_INVALID: u32 = 1;
+
+wire_struct! {
+    /// `struct iommu_hwpt_pgfault` (40 bytes): one page request read from
+    /// an iommufd fault queue. Every record of a group has its cookie.
+    pub struct HwptPgfault (size = 40) {
+        /// `IOMMU_PGFAULT_FLAGS_*`.
+        pub flags: Le32,
+        /// iommufd device object ID of the requester.
+        pub dev_id: Le32,
+        /// Host PASID, valid with `IOMMU_PGFAULT_FLAGS_PASID_VALID`.
+        pub pasid: Le32,
+        /// Page request group index.
+        pub grpid: Le32,
+        /// `IOMMU_PGFAULT_PERM_*`: READ 1, WRITE 2, EXEC 4, PRIV 8 (the
+        /// same bits as `VIRTIO_IOMMU_FAULT_F_*`).
+        pub perm: Le32,
+        /// Zero.
+        pub reserved: Le32,
+        /// Faulting address.
+        pub addr: Le64,
+        /// A hint of the access length (0 today).
+        pub length: Le32,
+        /// Names the group in the response.
+        pub cookie: Le32,
+    }
+}
+
+wire_struct! {
+    /// `struct iommu_hwpt_page_response` (8 bytes): the answer to one
+    /// group, written to the fault queue.
+    pub struct HwptPageResponse (size = 8) {
+        /// The group's cookie.
+        pub cookie: Le32,
+        /// `IOMMUFD_PAGE_RESP_*`.
+        pub code: Le32,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::mem::size_of;

@@ -7,6 +7,12 @@
 //! - `next_event` / `ack`: the IOMMU state as a stream (replay, then
 //!   changes) to shadow into VFIO or iommufd;
 //! - `report_fault`: an unrecoverable fault delivered to the guest;
+//! - `translate_pasid_or_request_with` / `translate_pasid_resolving_with`:
+//!   a translation whose page is not present (or lacks the access) raises
+//!   a page request; the guest fixes its table and answers, and the
+//!   device model translates again;
+//! - `attach_fault_queue`: a host iommufd fault queue whose page requests
+//!   the daemon forwards to the guest, answering on the queue;
 //! - `query`: the inspection documents `ctl` prints.
 //!
 //! Coherence: with the cache on, the daemon does not complete a guest
@@ -21,13 +27,13 @@ pub mod cache;
 
 use std::{
     collections::HashMap,
-    io::{self, Write},
-    os::fd::{AsFd, OwnedFd},
+    io::{self, IoSlice, Write},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     os::unix::net::UnixStream,
     path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
-        mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock,
+        mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock, Weak,
     },
     thread,
     time::{Duration, Instant},
@@ -38,13 +44,19 @@ use log::warn;
 use nix::{
     errno::Errno,
     poll::{poll, PollFd, PollFlags, PollTimeout},
+    sys::socket::{sendmsg, ControlMessage, MsgFlags},
 };
 use viommu::wire::{VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
-pub use viommu::{pgtable::PageAccess, Access, Invalidation, StateChange};
+pub use viommu::{
+    pgtable::PageAccess,
+    prq::{AutoCause, ResponseCode},
+    Access, Invalidation, StateChange,
+};
 use viommu_protocol::{
     handshake, messages as msg, query, ConnError, FrameReader, Message, Polled, EXTENT_F_EXEC,
-    HELLO_F_CACHE, HELLO_F_SUBSCRIBE, HELLO_F_SYNC, RESULT_NO_SUCH_ENDPOINT, RESULT_OK,
-    TRANSLATE_F_EXEC, TRANSLATE_F_PRIV, TRANSLATE_F_REPORT_FAULT, TRANSLATE_F_WRITE,
+    FAULT_F_PAGE_REQUEST, HELLO_F_CACHE, HELLO_F_SUBSCRIBE, HELLO_F_SYNC, RESULT_NO_SUCH_ENDPOINT,
+    RESULT_OK, TRANSLATE_F_EXEC, TRANSLATE_F_PAGE_REQUEST, TRANSLATE_F_PRIV,
+    TRANSLATE_F_REPORT_FAULT, TRANSLATE_F_WRITE,
 };
 pub use viommu_protocol::{
     query::Query, Extent, FaultInfo, FAULT_F_EXEC, FAULT_F_PASID, FAULT_F_PRIV, FAULT_F_READ,
@@ -94,6 +106,94 @@ pub enum Error {
     /// The translation kept being invalidated before it could be used.
     #[error("translation invalidated {MAX_REFETCH} times in a row")]
     Unstable,
+    /// No answer to a page request in time.
+    #[error("no answer to the page request at {:#x} within the deadline", .0.address)]
+    PageRequestTimeout(FaultInfo),
+    /// The guest (or the device for it) could not make the page
+    /// available: the access must not be retried.
+    #[error("page request at {:#x} answered {:?}", .fault.address, .response)]
+    PageRequestFailed {
+        /// The fault that raised it.
+        fault: FaultInfo,
+        /// The answer.
+        response: PageResponse,
+    },
+}
+
+/// The answer to a page request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageResponse {
+    /// `Success`: translate again; otherwise do not retry the access.
+    pub code: ResponseCode,
+    /// Why the device answered for the guest; `None` when the guest did.
+    pub cause: Option<AutoCause>,
+}
+
+impl PageResponse {
+    fn from_wire(code: u16, cause: u8) -> Option<Self> {
+        Some(PageResponse {
+            code: ResponseCode::from_wire(code)?,
+            cause: match cause {
+                0 => None,
+                n => Some(*AutoCause::ALL.get(usize::from(n) - 1)?),
+            },
+        })
+    }
+}
+
+/// A page request raised by a translation, waiting for the guest's
+/// answer. Dropping it forgets the answer (it still comes).
+pub struct PageRequestTicket {
+    fault: FaultInfo,
+    tag: u32,
+    slot: Arc<ReplySlot>,
+    shared: Weak<Shared>,
+}
+
+impl std::fmt::Debug for PageRequestTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageRequestTicket")
+            .field("fault", &self.fault)
+            .field("tag", &self.tag)
+            .finish()
+    }
+}
+
+impl PageRequestTicket {
+    /// The fault that raised the page request.
+    pub fn fault(&self) -> &FaultInfo {
+        &self.fault
+    }
+
+    /// Waits for the answer, at most `timeout`. The daemon answers every
+    /// page request, by the guest or (INVALID) by itself, within its
+    /// `--page-request-timeout-ms`.
+    pub fn wait(self, timeout: Duration) -> Result<PageResponse, Error> {
+        match self.slot.take_until(Instant::now() + timeout) {
+            Some(Some(Reply::PageResponse(r))) => Ok(r),
+            Some(Some(_)) => Err(Error::Protocol("unexpected answer to a page request")),
+            Some(None) => Err(Error::Disconnected),
+            None => Err(Error::PageRequestTimeout(self.fault)),
+        }
+    }
+}
+
+impl Drop for PageRequestTicket {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            lock(&shared.tickets).remove(&self.tag);
+        }
+    }
+}
+
+/// A translation that may have raised a page request.
+#[derive(Debug)]
+pub enum PasidTranslation<R> {
+    /// Translated; the DMA closure ran and returned this.
+    Done(R),
+    /// The page was not present or lacked the access: the guest was asked
+    /// to fix it. Wait for the answer, then translate again.
+    PageRequest(PageRequestTicket),
 }
 
 /// One guest-physical piece of a translated IOVA range.
@@ -145,8 +245,18 @@ pub enum Event {
 enum Reply {
     Translation(Vec<Extent>),
     Fault(FaultInfo),
+    /// A fault that raised a page request: the request's tag, and where
+    /// its answer goes.
+    PageRequested(FaultInfo, u32, Arc<ReplySlot>),
+    PageResponse(PageResponse),
     Result(u32, String),
     Query(String),
+}
+
+/// What one TRANSLATE round trip gave.
+enum Fetched {
+    Extents(Vec<Extent>),
+    PageRequest(PageRequestTicket),
 }
 
 struct Call {
@@ -183,6 +293,23 @@ impl ReplySlot {
         }
         g.take()
     }
+
+    /// [`Self::take`] until `deadline`: `None` if nothing came by then.
+    fn take_until(&self, deadline: Instant) -> Option<Option<Reply>> {
+        let mut g = lock(&self.reply);
+        while !self.ready.load(Ordering::Acquire) {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Some(g.take())
+    }
 }
 
 struct Shared {
@@ -193,6 +320,8 @@ struct Shared {
     /// The socket, for the background thread's `poll`.
     poll_fd: OwnedFd,
     calls: Mutex<HashMap<u32, Call>>,
+    /// Page requests waiting for their PAGE_RESPONSE, by TRANSLATE tag.
+    tickets: Mutex<HashMap<u32, Arc<ReplySlot>>>,
     cache: Option<RwLock<Cache>>,
     events: Mutex<Option<mpsc::Sender<Event>>>,
     closed: AtomicBool,
@@ -210,6 +339,29 @@ impl Shared {
         lock(&self.writer)
             .write_all(&msg.encode())
             .map_err(Error::Io)
+    }
+
+    /// Sends `frame` with `fd` attached to its first byte (`SCM_RIGHTS`).
+    fn send_with_fd(&self, frame: &[u8], fd: BorrowedFd<'_>) -> Result<(), Error> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Disconnected);
+        }
+        let mut w = lock(&self.writer);
+        let fds = [fd.as_raw_fd()];
+        let sent = loop {
+            match sendmsg::<()>(
+                w.as_raw_fd(),
+                &[IoSlice::new(frame)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(n) => break n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(Error::Io(e.into())),
+            }
+        };
+        w.write_all(&frame[sent..]).map_err(Error::Io)
     }
 }
 
@@ -252,6 +404,7 @@ impl Client {
             reader: Mutex::new(reader),
             poll_fd,
             calls: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(HashMap::new()),
             cache: options.cache.then(|| RwLock::new(Cache::default())),
             events: Mutex::new(tx),
             closed: AtomicBool::new(false),
@@ -314,7 +467,7 @@ impl Client {
     /// One TRANSLATE round trip: the extents that translate from `iova`
     /// on (the daemon may answer a long table range in parts), or the
     /// fault at `iova`.
-    fn fetch(&self, req: Request, iova: u64, len: u64, report: bool) -> Result<Vec<Extent>, Error> {
+    fn fetch(&self, req: Request, iova: u64, len: u64, report: bool) -> Result<Fetched, Error> {
         let mut flags = req.flags;
         if report {
             flags |= TRANSLATE_F_REPORT_FAULT;
@@ -331,12 +484,34 @@ impl Client {
             }
             .into()
         })? {
-            Reply::Translation(extents) if !extents.is_empty() => Ok(extents),
+            Reply::Translation(extents) if !extents.is_empty() => Ok(Fetched::Extents(extents)),
             Reply::Translation(_) => Err(Error::Protocol("empty translation")),
             Reply::Fault(f) => Err(Error::Fault(f)),
+            Reply::PageRequested(fault, tag, slot) => Ok(Fetched::PageRequest(PageRequestTicket {
+                fault,
+                tag,
+                slot,
+                shared: Arc::downgrade(&self.shared),
+            })),
             Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
             Reply::Result(status, message) => Err(Error::Daemon { status, message }),
-            Reply::Query(_) => Err(Error::Protocol("query reply to a translation")),
+            Reply::Query(_) | Reply::PageResponse(_) => {
+                Err(Error::Protocol("unexpected reply to a translation"))
+            }
+        }
+    }
+
+    /// One TRANSLATE round trip that raises no page request.
+    fn fetch_extents(
+        &self,
+        req: Request,
+        iova: u64,
+        len: u64,
+        report: bool,
+    ) -> Result<Vec<Extent>, Error> {
+        match self.fetch(req, iova, len, report)? {
+            Fetched::Extents(e) => Ok(e),
+            Fetched::PageRequest(_) => Err(Error::Protocol("a page request nobody asked for")),
         }
     }
 
@@ -362,7 +537,7 @@ impl Client {
         access: Access,
     ) -> Result<Vec<Segment>, Error> {
         let req = Request::iova(endpoint, access);
-        let extents = self.fetch(req, iova, len.max(1), true)?;
+        let extents = self.fetch_extents(req, iova, len.max(1), true)?;
         Ok(segments(&extents, iova, len))
     }
 
@@ -378,7 +553,7 @@ impl Client {
         access: Access,
         dma: impl FnOnce(&[Segment]) -> R,
     ) -> Result<R, Error> {
-        self.translate_req(Request::iova(endpoint, access), iova, len, dma)
+        self.translate_plain(Request::iova(endpoint, access), iova, len, dma)
     }
 
     /// Translates `[va, va + len)` of `endpoint` with `pasid` (0: without
@@ -408,16 +583,91 @@ impl Client {
         access: PageAccess,
         dma: impl FnOnce(&[Segment]) -> R,
     ) -> Result<R, Error> {
-        self.translate_req(Request::table(endpoint, pasid, access), va, len, dma)
+        self.translate_plain(Request::table(endpoint, pasid, access), va, len, dma)
     }
 
-    fn translate_req<R>(
+    /// [`Self::translate_pasid_with`], raising a page request when the
+    /// first page that does not translate is one the guest could fix (not
+    /// present, or without the access): the call then returns a ticket to
+    /// wait on instead of running `dma`. The guest receives the request on
+    /// its event queue, fixes its table and answers; translate again after
+    /// a `Success`.
+    pub fn translate_pasid_or_request_with<R, F: FnOnce(&[Segment]) -> R>(
+        &self,
+        endpoint: u32,
+        pasid: u32,
+        va: u64,
+        len: u64,
+        access: PageAccess,
+        dma: F,
+    ) -> Result<PasidTranslation<R>, Error> {
+        let mut req = Request::table(endpoint, pasid, access);
+        req.flags |= TRANSLATE_F_PAGE_REQUEST;
+        Ok(match self.translate_req(req, va, len, dma)? {
+            Ok(r) => PasidTranslation::Done(r),
+            Err((ticket, _)) => PasidTranslation::PageRequest(ticket),
+        })
+    }
+
+    /// [`Self::translate_pasid_or_request_with`] until the range
+    /// translates: each page request is waited for and the translation
+    /// retried after a `Success`, all within one total `timeout`. A page
+    /// the guest cannot provide is [`Error::PageRequestFailed`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn translate_pasid_resolving_with<R, F: FnOnce(&[Segment]) -> R>(
+        &self,
+        endpoint: u32,
+        pasid: u32,
+        va: u64,
+        len: u64,
+        access: PageAccess,
+        timeout: Duration,
+        dma: F,
+    ) -> Result<R, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut req = Request::table(endpoint, pasid, access);
+        req.flags |= TRANSLATE_F_PAGE_REQUEST;
+        let mut dma = dma;
+        loop {
+            match self.translate_req(req, va, len, dma)? {
+                Ok(r) => return Ok(r),
+                Err((ticket, back)) => {
+                    dma = back;
+                    let fault = ticket.fault;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let response = ticket.wait(left)?;
+                    if response.code != ResponseCode::Success {
+                        return Err(Error::PageRequestFailed { fault, response });
+                    }
+                }
+            }
+        }
+    }
+
+    /// A translation that raises no page request.
+    fn translate_plain<R>(
         &self,
         req: Request,
         iova: u64,
         len: u64,
         dma: impl FnOnce(&[Segment]) -> R,
     ) -> Result<R, Error> {
+        match self.translate_req(req, iova, len, dma)? {
+            Ok(r) => Ok(r),
+            Err(_) => Err(Error::Protocol("a page request nobody asked for")),
+        }
+    }
+
+    /// Translates through the cache (or without one), then runs `dma`;
+    /// on a page request, hands `dma` back with the ticket.
+    #[allow(clippy::type_complexity)]
+    fn translate_req<R, F: FnOnce(&[Segment]) -> R>(
+        &self,
+        req: Request,
+        iova: u64,
+        len: u64,
+        dma: F,
+    ) -> Result<Result<R, (PageRequestTicket, F)>, Error> {
         let len = len.max(1);
         let end = iova.saturating_add(len - 1);
         let Some(cache) = &self.shared.cache else {
@@ -426,11 +676,14 @@ impl Client {
             let mut extents = Vec::new();
             let mut addr = iova;
             loop {
-                let got = self.fetch(req, addr, end - addr + 1, false)?;
+                let got = match self.fetch(req, addr, end - addr + 1, false)? {
+                    Fetched::Extents(e) => e,
+                    Fetched::PageRequest(t) => return Ok(Err((t, dma))),
+                };
                 let last = got.last().map_or(addr, |e| e.iova_end);
                 extents.extend(got);
                 if last >= end {
-                    return Ok(dma(&segments(&extents, iova, len)));
+                    return Ok(Ok(dma(&segments(&extents, iova, len))));
                 }
                 addr = last + 1;
             }
@@ -441,7 +694,7 @@ impl Client {
             let from = {
                 let c = cache.read().unwrap_or_else(|e| e.into_inner());
                 match cached_segments(&c, req, iova, len) {
-                    Ok(segs) => return Ok(dma(&segs)),
+                    Ok(segs) => return Ok(Ok(dma(&segs))),
                     Err(from) => from,
                 }
             };
@@ -457,7 +710,46 @@ impl Client {
             // Miss: the reader thread caches the reply before handing it
             // over, so the next lookup finds it unless it was invalidated
             // in between, in which case it is fetched again.
-            self.fetch(req, from, end - from + 1, false)?;
+            if let Fetched::PageRequest(t) = self.fetch(req, from, end - from + 1, false)? {
+                return Ok(Err((t, dma)));
+            }
+        }
+    }
+
+    /// Hands the daemon a host iommufd fault queue (the descriptor of
+    /// `IOMMU_FAULT_QUEUE_ALLOC`, or anything speaking its formats) and
+    /// the guest endpoint of each iommufd device ID it reports. The
+    /// daemon forwards its page requests to the guest and writes each
+    /// group's response on it, by cookie, until this connection closes.
+    pub fn attach_fault_queue(
+        &self,
+        queue: BorrowedFd<'_>,
+        devices: &[(u32, u32)],
+    ) -> Result<(), Error> {
+        let devices = devices
+            .iter()
+            .map(|&(dev_id, endpoint)| msg::DeviceRoute { dev_id, endpoint })
+            .collect();
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(ReplySlot::default());
+        lock(&self.shared.calls).insert(
+            tag,
+            Call {
+                space: Space::iova(0),
+                iova: 0,
+                slot: slot.clone(),
+            },
+        );
+        let frame = Message::from(msg::AttachFaultQueue { tag, devices }).encode();
+        if let Err(e) = self.shared.send_with_fd(&frame, queue) {
+            lock(&self.shared.calls).remove(&tag);
+            return Err(e);
+        }
+        match slot.take() {
+            Some(Reply::Result(RESULT_OK, _)) => Ok(()),
+            Some(Reply::Result(status, message)) => Err(Error::Daemon { status, message }),
+            Some(_) => Err(Error::Protocol("unexpected reply to ATTACH_FAULT_QUEUE")),
+            None => Err(Error::Disconnected),
         }
     }
 
@@ -694,7 +986,34 @@ impl Shared {
                 }
                 reply(m.tag, Reply::Translation(m.extents));
             }
+            Message::Fault(m) if m.fault.flags & FAULT_F_PAGE_REQUEST != 0 => {
+                // Registered before the fault is handed over: the answer
+                // cannot come first (same connection, in order). Nobody
+                // waiting: nobody wants the answer either.
+                let call = lock(&self.calls).remove(&m.tag);
+                if let Some(call) = call {
+                    let slot = Arc::new(ReplySlot::default());
+                    lock(&self.tickets).insert(m.tag, slot.clone());
+                    call.slot
+                        .put(Some(Reply::PageRequested(m.fault, m.tag, slot)));
+                }
+            }
             Message::Fault(m) => reply(m.tag, Reply::Fault(m.fault)),
+            Message::PageResponse(m) => {
+                let slot = lock(&self.tickets).remove(&m.tag);
+                match (slot, PageResponse::from_wire(m.code, m.cause)) {
+                    (Some(slot), Some(r)) => slot.put(Some(Reply::PageResponse(r))),
+                    (Some(slot), None) => {
+                        warn!(
+                            "page response with unknown code {} / cause {}",
+                            m.code, m.cause
+                        );
+                        slot.put(None);
+                    }
+                    // Nobody waits any more (the ticket was dropped).
+                    (None, _) => {}
+                }
+            }
             Message::CallResult(m) => reply(m.tag, Reply::Result(m.status, m.message)),
             Message::QueryReply(m) => reply(m.tag, Reply::Query(m.json)),
             Message::Invalidate(m) => {
@@ -743,6 +1062,9 @@ impl Shared {
         self.closed.store(true, Ordering::Release);
         for (_, call) in lock(&self.calls).drain() {
             call.slot.put(None);
+        }
+        for (_, slot) in lock(&self.tickets).drain() {
+            slot.put(None);
         }
         lock(&self.events).take();
         if let Some(cache) = &self.cache {

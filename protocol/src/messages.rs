@@ -43,6 +43,10 @@ pub const TRANSLATE_F_REPORT_FAULT: u32 = 1 << 1;
 pub const TRANSLATE_F_EXEC: u32 = 1 << 2;
 /// A privileged (supervisor) access (with a PASID).
 pub const TRANSLATE_F_PRIV: u32 = 1 << 3;
+/// If the access faults and the guest could fix it (`FAULT_F_RECOVERABLE`),
+/// raise a page request: the FAULT reply then says `FAULT_F_PAGE_REQUEST`
+/// and a PAGE_RESPONSE with the same tag follows, exactly once.
+pub const TRANSLATE_F_PAGE_REQUEST: u32 = 1 << 4;
 
 /// Extent flag (beside the MAP flags): identity translation in bypass.
 pub const EXTENT_F_BYPASS: u32 = 1 << 8;
@@ -64,6 +68,18 @@ pub const FAULT_F_PASID: u32 = 1 << 4;
 /// Fault flag: the guest can fix it by changing its table (a page
 /// request may resolve it).
 pub const FAULT_F_RECOVERABLE: u32 = 1 << 5;
+/// Fault flag: a page request was raised for this fault (TRANSLATE with
+/// `TRANSLATE_F_PAGE_REQUEST`); its answer comes as a PAGE_RESPONSE with
+/// the request's tag.
+pub const FAULT_F_PAGE_REQUEST: u32 = 1 << 6;
+
+/// PAGE_RESPONSE code: the guest mapped the page; translate again.
+pub const PAGE_RESP_SUCCESS: u16 = 0;
+/// PAGE_RESPONSE code: the page cannot be mapped; do not retry.
+pub const PAGE_RESP_INVALID: u16 = 1;
+/// PAGE_RESPONSE code: the guest says the device must stop issuing page
+/// requests (PCIe Response Failure).
+pub const PAGE_RESP_FAILURE: u16 = 2;
 
 // RESULT status codes.
 /// Success.
@@ -157,6 +173,17 @@ record! {
         pasid: u32,
         /// The faulting address.
         address: u64,
+    }
+}
+
+record! {
+    /// One device of a host fault queue: iommufd's device ID, and the
+    /// guest endpoint it is.
+    pub struct DeviceRoute {
+        /// `dev_id` of the `iommu_hwpt_pgfault` records.
+        dev_id: u32,
+        /// The endpoint ID the guest knows the device by.
+        endpoint: u32,
     }
 }
 
@@ -647,6 +674,15 @@ messages! {
         /// The query document.
         json: String,
     }
+    /// ATTACH_FAULT_QUEUE: the host iommufd fault queue whose descriptor
+    /// comes with this message (`SCM_RIGHTS`) delivers page requests of
+    /// these devices; answered with RESULT.
+    0x06 => AttachFaultQueue {
+        /// Echoed in the reply.
+        tag: u32,
+        /// The devices the queue reports, with their endpoints.
+        devices: Vec<DeviceRoute>,
+    }
 
     // Daemon to client.
 
@@ -689,6 +725,17 @@ messages! {
         tag: u32,
         /// The reply document.
         json: String,
+    }
+    /// PAGE_RESPONSE: the one answer to the page request a TRANSLATE
+    /// raised (`FAULT_F_PAGE_REQUEST`).
+    0x86 => PageResponse {
+        /// The TRANSLATE's tag.
+        tag: u32,
+        /// `PAGE_RESP_*`.
+        code: u16,
+        /// 0: the guest answered; otherwise the device did, for the reason
+        /// numbered as `viommu::prq::AutoCause::ALL` from 1.
+        cause: u8 [pad 1],
     }
     /// INVALIDATE: drop these cached translations, then ACK.
     0x90 => Invalidate {
@@ -897,6 +944,26 @@ mod tests {
             ReplayDone {}.into(),
             Bye {
                 message: "bye".into(),
+            }
+            .into(),
+            AttachFaultQueue {
+                tag: 9,
+                devices: vec![
+                    DeviceRoute {
+                        dev_id: 1,
+                        endpoint: 0x28,
+                    },
+                    DeviceRoute {
+                        dev_id: 7,
+                        endpoint: 0x30,
+                    },
+                ],
+            }
+            .into(),
+            PageResponse {
+                tag: 10,
+                code: PAGE_RESP_INVALID,
+                cause: 3,
             }
             .into(),
         ];

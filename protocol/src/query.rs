@@ -36,6 +36,12 @@ pub enum Query {
     },
     /// Request, error, fault and client counters.
     Stats,
+    /// Page-request groups outstanding, of one endpoint or all.
+    Faults {
+        /// Only this endpoint's.
+        #[serde(default)]
+        endpoint: Option<u32>,
+    },
     /// Bound guest tables, of one endpoint or all.
     PasidTables {
         /// Only this endpoint's.
@@ -248,6 +254,74 @@ pub struct StatsReply {
     /// Clients disconnected because they could not keep up.
     #[serde(default)]
     pub clients_dropped: u64,
+    /// Page requests.
+    #[serde(default)]
+    pub page_requests: PageRequestCounts,
+}
+
+/// What happened to page requests (`stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRequestCounts {
+    /// Groups raised (LAST requests that were not stop markers).
+    pub raised: u64,
+    /// Groups put on the guest's event queue.
+    pub delivered: u64,
+    /// Groups in flight now.
+    pub in_flight: usize,
+    /// The guest's answers by code (`success`, `invalid`, `failure`).
+    pub guest: BTreeMap<String, u64>,
+    /// The device's INVALID answers by cause (`no-buffer`, `detached`,
+    /// `timeout`, ...).
+    pub auto: BTreeMap<String, u64>,
+    /// PASID stop markers consumed.
+    pub stop_markers: u64,
+    /// PAGE_RESPs that named no group in flight (`S_NOENT`).
+    pub unknown_responses: u64,
+    /// Groups dropped unanswered because their source went away.
+    pub source_gone: u64,
+    /// Partial groups forgotten before their LAST.
+    pub partials_discarded: u64,
+    /// Requests before LAST that were not kept.
+    pub requests_dropped: u64,
+    /// Fault-queue records of a device their queue does not route.
+    pub unknown_device: u64,
+    /// Fault-queue records of a host PASID that is not this VM's.
+    pub unknown_pasid: u64,
+    /// Fault-queue records with a group index wider than 16 bits.
+    pub bad_group: u64,
+    /// Answers whose source could not take them.
+    pub answers_lost: u64,
+    /// Host fault queues attached.
+    pub fault_queues: usize,
+}
+
+/// One page-request group (`faults`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// The endpoint.
+    pub endpoint: u32,
+    /// The PASID, if the group carries one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasid: Option<u32>,
+    /// The group ID (PRGI).
+    pub group_id: u16,
+    /// `partial` (waiting for its LAST), `delivering` or `awaiting-guest`.
+    pub stage: String,
+    /// Who raised it: `client N` or `fault-queue N` (source numbers).
+    pub source: u32,
+    /// Milliseconds since its first request (partial) or since raised.
+    pub age_ms: u64,
+}
+
+/// `faults`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultsReply {
+    /// Groups by endpoint, PASID and group ID, in flight first.
+    pub groups: Vec<GroupInfo>,
+    /// The limit per endpoint (PROBE `max_outstanding_groups`).
+    pub max_per_endpoint: u32,
+    /// How long the guest has to answer a group, in milliseconds.
+    pub timeout_ms: Option<u64>,
 }
 
 /// A bound guest table (`pasid-tables`).

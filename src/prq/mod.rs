@@ -60,6 +60,7 @@
 //! Every [`Answer`] is sent to its source, then [`Answer::finish`]ed.
 
 mod answer;
+pub mod iommufd;
 mod request;
 
 #[cfg(test)]
@@ -108,7 +109,7 @@ impl Default for Limits {
             partial_groups: 256,
             requests_per_group: 32,
             partial_timeout: Duration::from_secs(1),
-            response_timeout: Some(Duration::from_secs(30)),
+            response_timeout: Some(Duration::from_secs(10)),
         }
     }
 }

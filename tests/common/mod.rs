@@ -197,6 +197,9 @@ pub struct GuestOptions {
     pub event_idx: bool,
     pub request_queue_size: u16,
     pub event_queue_size: u16,
+    /// Device feature bits the driver does not accept (a driver that does
+    /// not know them).
+    pub drop_features: u64,
 }
 
 impl Default for GuestOptions {
@@ -205,6 +208,7 @@ impl Default for GuestOptions {
             event_idx: true,
             request_queue_size: 256,
             event_queue_size: 64,
+            drop_features: 0,
         }
     }
 }
@@ -278,10 +282,20 @@ fn start_rings(
 /// A frontend connection set up as a VMM does at boot, up to the memory
 /// table (no rings yet); returns it with the features acked.
 pub fn open_frontend(socket: &Path, mem: &GuestMemoryMmap, event_idx: bool) -> (Frontend, u64) {
+    open_frontend_without(socket, mem, event_idx, 0)
+}
+
+/// [`open_frontend`], not accepting the feature bits in `drop_features`.
+pub fn open_frontend_without(
+    socket: &Path,
+    mem: &GuestMemoryMmap,
+    event_idx: bool,
+    drop_features: u64,
+) -> (Frontend, u64) {
     let mut fe = Frontend::connect(socket, 2).unwrap();
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     fe.set_owner().unwrap();
-    let mut features = fe.get_features().unwrap();
+    let mut features = fe.get_features().unwrap() & !drop_features;
     if !event_idx {
         features &= !VIRTIO_RING_F_EVENT_IDX;
     }
@@ -357,7 +371,8 @@ impl Guest {
         options: GuestOptions,
         mem: GuestMemoryMmap,
     ) -> Guest {
-        let (mut fe, features) = open_frontend(socket, &mem, options.event_idx);
+        let (mut fe, features) =
+            open_frontend_without(socket, &mem, options.event_idx, options.drop_features);
         let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
         let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
         let (rq, eq) = setup_rings(&mut fe, &mem, options, &kicks, &calls);

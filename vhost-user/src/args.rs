@@ -9,6 +9,7 @@ use thiserror::Error;
 use viommu::{
     config::{parse_domain_range, ConfigError},
     parse::parse_u64,
+    prq::Limits,
     DeviceConfig, EndpointSet, TableFormats,
 };
 
@@ -200,6 +201,25 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = 1 << 16)]
     pub max_cached_translations: usize,
 
+    /// Offer page requests (PROJECT EXTENSION feature bit 10, with table
+    /// formats): recoverable faults of device models and host fault
+    /// queues reach the guest, which answers each group.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub page_requests: OnOff,
+
+    /// How long the guest has to answer a page-request group before the
+    /// device answers it INVALID (and its source may go on).
+    #[arg(long, value_name = "MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub page_request_timeout_ms: u64,
+
+    /// Most page-request groups one endpoint may have outstanding (PROBE
+    /// PAGE_REQUEST's max_outstanding_groups); further groups are
+    /// answered INVALID at once.
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_page_requests: u32,
+
     /// Directory of the host-wide PASID state shared by all daemons.
     /// Default: /var/lib/vhost-device-iommu as root,
     /// $XDG_STATE_HOME/vhost-device-iommu (or ~/.local/state/...) otherwise.
@@ -245,6 +265,12 @@ impl DaemonArgs {
             table_formats: self.table_formats,
             output_bits: self.output_bits,
             max_bindings_per_endpoint: self.max_bindings,
+            page_requests: bool::from(self.page_requests).then(|| Limits {
+                groups_per_endpoint: self.max_page_requests,
+                groups_total: self.max_page_requests.saturating_mul(64).max(4096),
+                response_timeout: Some(Duration::from_millis(self.page_request_timeout_ms)),
+                ..Limits::default()
+            }),
             ..DeviceConfig::default()
         };
         config.validate()?;

@@ -416,7 +416,10 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.iommu.model_mut().set_acked_features(features);
+        let mut model = self.iommu.model_mut();
+        model.set_acked_features(features);
+        // Without bit 10 any page request left is answered now.
+        self.iommu.publish(model);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -121,6 +121,13 @@ pub enum CtlCommand {
         #[arg(long, value_parser = parse::parse_u32)]
         endpoint: Option<u32>,
     },
+    /// Page-request groups outstanding: per endpoint and PASID, the
+    /// group, its stage, its source and its age.
+    Faults {
+        /// Only this endpoint's.
+        #[arg(long, value_parser = parse::parse_u32)]
+        endpoint: Option<u32>,
+    },
 }
 
 /// Why `ctl` failed.
@@ -188,6 +195,7 @@ enum Doc {
     Stats(StatsReply),
     Pasids(PasidsReply),
     PasidTables(PasidTablesReply),
+    Faults(FaultsReply),
     Translate(TranslateDoc),
     Fault,
 }
@@ -227,6 +235,7 @@ fn json(doc: &Doc) -> String {
         Doc::Stats(d) => serde_json::to_string(d),
         Doc::Pasids(d) => serde_json::to_string(d),
         Doc::PasidTables(d) => serde_json::to_string(d),
+        Doc::Faults(d) => serde_json::to_string(d),
         Doc::Translate(d) => serde_json::to_string(d),
         Doc::Fault => serde_json::to_string(&OkDoc { ok: true }),
     };
@@ -269,6 +278,7 @@ fn command(c: &mut Connection, cmd: &CtlCommand) -> Result<(Doc, u8), ConnError>
             Doc::PasidTables(c.query(&Query::PasidTables { endpoint })?),
             0,
         ),
+        CtlCommand::Faults { endpoint } => (Doc::Faults(c.query(&Query::Faults { endpoint })?), 0),
         CtlCommand::Translate {
             endpoint,
             iova,
@@ -506,6 +516,30 @@ fn print_table(out: &mut impl Write, doc: &Doc) -> std::io::Result<()> {
                 )?;
             }
         }
+        Doc::Faults(f) => {
+            let timeout = f
+                .timeout_ms
+                .map_or("none".to_string(), |t| format!("{t} ms"));
+            writeln!(
+                out,
+                "{} groups outstanding (at most {} per endpoint; guest timeout {timeout})",
+                f.groups.len(),
+                f.max_per_endpoint
+            )?;
+            writeln!(
+                out,
+                "{:<10} {:<8} {:<6} {:<15} {:<7} AGE",
+                "ENDPOINT", "PASID", "GROUP", "STAGE", "SOURCE"
+            )?;
+            for g in &f.groups {
+                let pasid = g.pasid.map_or("-".to_string(), |p| p.to_string());
+                writeln!(
+                    out,
+                    "{:<#10x} {:<8} {:<6} {:<15} {:<7} {} ms",
+                    g.endpoint, pasid, g.group_id, g.stage, g.source, g.age_ms
+                )?;
+            }
+        }
         Doc::Pasids(p) => {
             if p.mode != "global" {
                 return writeln!(out, "PASID mode: {} (no host-wide set)", p.mode);
@@ -573,6 +607,34 @@ fn print_table(out: &mut impl Write, doc: &Doc) -> std::io::Result<()> {
             for (k, v) in rows {
                 writeln!(out, "{k:<20} {v}")?;
             }
+            let p = &s.page_requests;
+            let named = |m: &std::collections::BTreeMap<String, u64>| {
+                m.iter()
+                    .filter(|(_, &v)| v > 0)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            writeln!(
+                out,
+                "{:<20} raised={} delivered={} in_flight={} stop_markers={} unknown_responses={} \
+                 source_gone={} fault_queues={}",
+                "page_requests",
+                p.raised,
+                p.delivered,
+                p.in_flight,
+                p.stop_markers,
+                p.unknown_responses,
+                p.source_gone,
+                p.fault_queues
+            )?;
+            writeln!(out, "{:<20} {}", "  guest answers", named(&p.guest))?;
+            writeln!(out, "{:<20} {}", "  device answers", named(&p.auto))?;
+            writeln!(
+                out,
+                "{:<20} unknown_device={} unknown_pasid={} bad_group={} answers_lost={}",
+                "  refused records", p.unknown_device, p.unknown_pasid, p.bad_group, p.answers_lost
+            )?;
         }
     }
     Ok(())

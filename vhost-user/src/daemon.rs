@@ -173,6 +173,8 @@ pub fn serve(backend: Arc<IommuBackend>, source: SocketSource) -> Result<(), Dae
         }
         drop(daemon);
         backend.iommu().set_frontend_connected(false);
+        // The guest cannot answer the page requests it was sent any more.
+        backend.iommu().frontend_lost();
         backend.end_connection();
     }
 }

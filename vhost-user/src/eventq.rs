@@ -15,6 +15,9 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
+use viommu::{prq::AutoCause, wire::FaultRecordExt};
+use vm_memory::ByteValued;
+
 use crate::chain::Request;
 
 type Mem = crate::iommu::Mem;
@@ -34,6 +37,34 @@ pub struct EventStats {
     pub dropped: u64,
 }
 
+/// An event waiting for a buffer.
+struct Pending {
+    record: [u8; MAX_EVENT],
+    len: usize,
+    /// A shorter prefix that still says it all, for a smaller buffer: a
+    /// fault in the 48-byte extended record falls back to the spec's 24
+    /// bytes (extension profile).
+    min_len: usize,
+}
+
+/// Why a page-request group did not reach the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undelivered {
+    /// Fewer buffers than records (or no ring yet).
+    NoBuffer,
+    /// A buffer smaller than the 48-byte record.
+    BufferTooSmall,
+}
+
+impl From<Undelivered> for AutoCause {
+    fn from(u: Undelivered) -> Self {
+        match u {
+            Undelivered::NoBuffer => AutoCause::NoBuffer,
+            Undelivered::BufferTooSmall => AutoCause::BufferTooSmall,
+        }
+    }
+}
+
 struct Held {
     head: u16,
     buf: Request,
@@ -44,7 +75,7 @@ struct Held {
 pub struct EventQueue {
     vring: Option<VringRwLock>,
     held: VecDeque<Held>,
-    pending: VecDeque<([u8; MAX_EVENT], usize)>,
+    pending: VecDeque<Pending>,
     /// Spare gather buffers, so holding buffers does not allocate.
     spare: Vec<Request>,
     stats: EventStats,
@@ -107,7 +138,10 @@ impl EventQueue {
     /// The events waiting for a buffer, oldest first (to save them with
     /// the device state).
     pub fn pending_records(&self) -> Vec<Vec<u8>> {
-        self.pending.iter().map(|(r, n)| r[..*n].to_vec()).collect()
+        self.pending
+            .iter()
+            .map(|p| p.record[..p.len].to_vec())
+            .collect()
     }
 
     /// Replaces the events waiting for a buffer with `records`, oldest
@@ -136,9 +170,67 @@ impl EventQueue {
             warn!("event queue full: event dropped (driver posts no buffers)");
             return;
         }
-        let mut entry = ([0u8; MAX_EVENT], record.len().min(MAX_EVENT));
-        entry.0[..entry.1].copy_from_slice(&record[..entry.1]);
+        let len = record.len().min(MAX_EVENT);
+        let mut entry = Pending {
+            record: [0u8; MAX_EVENT],
+            len,
+            min_len: len.min(std::mem::size_of::<viommu::wire::FaultRecord>()),
+        };
+        entry.record[..len].copy_from_slice(&record[..len]);
         self.pending.push_back(entry);
+    }
+
+    /// Puts a page-request group on the queue: each record in a buffer of
+    /// its own, all of them or none (a driver that sees part of a group
+    /// waits for a LAST that never comes). Faults waiting for a buffer go
+    /// first.
+    pub fn post_group(&mut self, records: &[FaultRecordExt], mem: &Mem) -> Result<(), Undelivered> {
+        if self.vring.is_none() {
+            return Err(Undelivered::NoBuffer);
+        }
+        self.deliver(mem);
+        if self.held.len() < records.len() {
+            self.pop_available(mem);
+        }
+        if !self.pending.is_empty() || self.held.len() < records.len() {
+            return Err(Undelivered::NoBuffer);
+        }
+        let size = std::mem::size_of::<FaultRecordExt>();
+        if self
+            .held
+            .iter()
+            .take(records.len())
+            .any(|h| h.buf.writable_len() < size)
+        {
+            return Err(Undelivered::BufferTooSmall);
+        }
+        let guard = mem.memory();
+        let held: Vec<Held> = self.held.drain(..records.len()).collect();
+        let mut failed = None;
+        for (h, r) in held.iter().zip(records) {
+            if let Err(e) = h.buf.write_at(&guard, 0, r.as_slice()) {
+                failed = Some(format!("event buffer {}: {e}", h.head));
+                break;
+            }
+        }
+        // All or nothing: a buffer the device cannot write makes the
+        // whole group empty events (the guest ignores those).
+        let len = if failed.is_some() { 0 } else { size as u32 };
+        for h in held {
+            self.complete(h.head, len);
+            self.spare.push(h.buf);
+        }
+        self.signal();
+        match failed {
+            Some(why) => {
+                warn!("{why}: page-request group not delivered");
+                Err(Undelivered::NoBuffer)
+            }
+            None => {
+                self.stats.delivered += records.len() as u64;
+                Ok(())
+            }
+        }
     }
 
     fn flush(&mut self, mem: &Mem) {
@@ -151,26 +243,29 @@ impl EventQueue {
             let Some(held) = self.held.pop_front() else {
                 break;
             };
-            let Some((record, len)) = self.pending.pop_front() else {
+            let Some(event) = self.pending.pop_front() else {
                 break;
             };
-            let written = if held.buf.writable_len() < len {
+            let room = held.buf.writable_len();
+            let len = if room >= event.len {
+                event.len
+            } else {
+                event.min_len
+            };
+            let written = if room < len {
                 // Never split a record across buffers (virtio-iommu 1.3).
-                warn!(
-                    "event buffer of {} bytes is too small for a {len}-byte event",
-                    held.buf.writable_len()
-                );
-                self.pending.push_front((record, len));
+                warn!("event buffer of {room} bytes is too small for a {len}-byte event");
+                self.pending.push_front(event);
                 0
             } else {
-                match held.buf.write_at(&guard, 0, &record[..len]) {
+                match held.buf.write_at(&guard, 0, &event.record[..len]) {
                     Ok(()) => {
                         self.stats.delivered += 1;
                         len
                     }
                     Err(e) => {
                         warn!("event buffer {}: {e}", held.head);
-                        self.pending.push_front((record, len));
+                        self.pending.push_front(event);
                         0
                     }
                 }

@@ -241,6 +241,13 @@ impl Client {
         }
     }
 
+    /// Writes what is queued if the replay is done (so any thread may);
+    /// true when nothing is left for the control server to write.
+    pub(crate) fn flush_if_ready(&self) -> bool {
+        let ready = Client::replay_done(&lock(&self.out));
+        ready && self.flush() == Flushed::Done
+    }
+
     /// Whether the replay (and WELCOME) has been written completely, so
     /// a live message may be written from any thread.
     fn replay_done(out: &Outbox) -> bool {
@@ -306,7 +313,7 @@ impl Hub {
         &self.wake
     }
 
-    fn wake_server(&self) {
+    pub(crate) fn wake_server(&self) {
         // A full counter already means "wake up".
         let _ = self.wake.write(1);
     }

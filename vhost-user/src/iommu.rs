@@ -10,7 +10,13 @@
 //! (staging) and before `iotlb`; `model` before the PASID manager's lock
 //! only to take a binding's reference (memory only); anything that may
 //! wait on the disk under the manager's lock (journal writes, releasing
-//! references) runs without the model's lock.
+//! references) runs without the model's lock. Page requests
+//! (`page_requests.rs`): raised and delivered under the model's write
+//! lock (`model` before `events`), answered after it is released.
+
+mod page_requests;
+
+pub(crate) use page_requests::PageSourceStats;
 
 use std::{
     io,
@@ -18,7 +24,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use log::{info, warn};
@@ -35,6 +41,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::{
     eventq::{EventQueue, EventStats},
+    faults::Sources,
     hub::{lock, Hub},
     pasid_manager::{AdoptedPasids, PasidRestoreError, PasidService},
 };
@@ -133,6 +140,12 @@ pub struct Iommu {
     pasids: PasidService,
     options: IommuOptions,
     frontend: AtomicBool,
+    /// Sources of page requests and the routes of their answers.
+    sources: Mutex<Sources>,
+    /// Start of the page-request clock (the model takes durations).
+    epoch: Instant,
+    /// What happened to page requests outside the model.
+    pub(crate) source_stats: PageSourceStats,
 }
 
 impl Iommu {
@@ -163,6 +176,9 @@ impl Iommu {
             pasids,
             options,
             frontend: AtomicBool::new(false),
+            sources: Mutex::new(Sources::default()),
+            epoch: Instant::now(),
+            source_stats: PageSourceStats::default(),
         })
     }
 
@@ -226,9 +242,20 @@ impl Iommu {
         self.frontend.store(connected, Ordering::Relaxed);
     }
 
-    /// Reports an event record (24 or 48 bytes) on the event queue: now if
-    /// the driver posted a buffer, later otherwise.
+    /// Reports a fault record (24 bytes) on the event queue: now if the
+    /// driver posted a buffer, later otherwise. A driver that negotiated
+    /// page requests gets it in the 48-byte extended record (the first 24
+    /// bytes are the same; a smaller buffer still gets those).
     pub fn post_event(&self, record: &[u8]) {
+        let extended =
+            self.model().acked_features() & (1 << viommu::wire::VIRTIO_IOMMU_F_PAGE_REQUEST) != 0;
+        let mut ext = [0u8; 48];
+        let record = if extended && record.len() < ext.len() {
+            ext[..record.len()].copy_from_slice(record);
+            &ext[..]
+        } else {
+            record
+        };
         match self.memory() {
             Some(mem) => self.events().post(record, &mem),
             None => self.events().post_later(record),
@@ -251,7 +278,10 @@ impl Iommu {
     /// without holding the model lock, so translations keep flowing.
     pub(crate) fn publish(&self, mut model: RwLockWriteGuard<'_, Viommu>) {
         let changes = model.take_changes();
+        let answers = model.take_answers();
         if changes.is_empty() {
+            drop(model);
+            self.send_answers(answers);
             return;
         }
         {
@@ -266,6 +296,9 @@ impl Iommu {
             self.hub
                 .flush_and_wait(&clients, self.options.poll, self.options.client_timeout);
         }
+        // After the changes: once DETACH_TABLE's invalidation is acked,
+        // the groups it ended are answered, then their PASIDs go.
+        self.send_answers(answers);
     }
 
     /// Runs a PASID operation the guest asked for. Called without the

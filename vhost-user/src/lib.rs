@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod error;
 pub mod eventq;
+pub(crate) mod faults;
 pub(crate) mod hub;
 pub mod iommu;
 pub mod pasid_admin;

@@ -494,6 +494,18 @@ impl PasidManager {
             .to_host(&self.alloc, self.set, guest, device_bits)
     }
 
+    /// The guest PASID of host PASID `host`, if it is an active PASID of
+    /// this VM (a page request from the host names the host PASID).
+    pub fn to_guest(&self, host: Pasid) -> Result<Pasid, PasidError> {
+        let g = self
+            .translator
+            .to_guest(&self.alloc, host, self.options.bits)?;
+        if g.set.is_some_and(|set| set != self.set) {
+            return Err(PasidError::NotMapped(host));
+        }
+        Ok(g.pasid)
+    }
+
     /// Gives leases with no PASID in use back to the host pool.
     pub fn release_idle_leases(&mut self) -> Result<u32, PasidError> {
         self.alloc.release_idle_leases()

@@ -14,9 +14,10 @@ use viommu::{
 };
 use viommu_protocol::{
     messages::{CallResult, Extent, FaultInfo, ReportFault, Translate, Translation},
-    Message, FAULT_F_EXEC, FAULT_F_PASID, FAULT_F_PRIV, FAULT_F_READ, FAULT_F_RECOVERABLE,
-    FAULT_F_WRITE, RESULT_INVALID, RESULT_NO_SUCH_ENDPOINT, RESULT_OK, RESULT_UNSUPPORTED,
-    TRANSLATE_F_EXEC, TRANSLATE_F_PRIV, TRANSLATE_F_REPORT_FAULT, TRANSLATE_F_WRITE,
+    Message, FAULT_F_EXEC, FAULT_F_PAGE_REQUEST, FAULT_F_PASID, FAULT_F_PRIV, FAULT_F_READ,
+    FAULT_F_RECOVERABLE, FAULT_F_WRITE, RESULT_INVALID, RESULT_NO_SUCH_ENDPOINT, RESULT_OK,
+    RESULT_UNSUPPORTED, TRANSLATE_F_EXEC, TRANSLATE_F_PAGE_REQUEST, TRANSLATE_F_PRIV,
+    TRANSLATE_F_REPORT_FAULT, TRANSLATE_F_WRITE,
 };
 
 use super::queries::QueryThread;
@@ -31,6 +32,8 @@ pub(super) fn handle(
 ) -> Result<(), String> {
     match msg {
         Message::Translate(t) => translate(iommu, client, &t),
+        // Handled by the server, which owns the descriptors and the loop.
+        Message::AttachFaultQueue(_) => unreachable!("ATTACH_FAULT_QUEUE reaches the server"),
         Message::ReportFault(ReportFault { tag, fault }) => {
             let (status, message) = report_fault(iommu, &fault);
             client.queue(
@@ -63,7 +66,7 @@ pub(super) fn handle(
 /// with its first pages and the client asks again for the rest.
 const MAX_TABLE_EXTENTS: usize = 512;
 
-fn translate(iommu: &Iommu, client: &Client, t: &Translate) {
+fn translate(iommu: &Iommu, client: &Arc<Client>, t: &Translate) {
     let access = if t.flags & TRANSLATE_F_WRITE != 0 {
         Access::Write
     } else {
@@ -72,7 +75,15 @@ fn translate(iommu: &Iommu, client: &Client, t: &Translate) {
     let mut ranges = Vec::new();
     let model = iommu.model();
     if t.pasid != 0 || model.table_for(t.endpoint, 0).is_some() {
-        return translate_table(iommu, client, t, &model);
+        let raise = translate_table(iommu, client, t, &model);
+        drop(model);
+        // The FAULT reply is queued: the page request's answer, whenever
+        // it comes, follows it on the connection.
+        if let Some((address, access)) = raise {
+            let source = iommu.client_source(client);
+            iommu.raise_fault(source, t.tag, t.endpoint, t.pasid, address, access);
+        }
+        return;
     }
     let result = model.translate_range(t.endpoint, t.iova, t.len, access, &mut ranges);
     // Queued under the read lock: a reply can never be queued after the
@@ -126,8 +137,15 @@ fn translate(iommu: &Iommu, client: &Client, t: &Translate) {
 /// A translation through a guest table (with a PASID, or for an endpoint
 /// whose domain holds a table): one walk per page, served from and added
 /// to the daemon's cache under the model's read lock, so an invalidation
-/// (under the write lock) can never interleave with it.
-fn translate_table(iommu: &Iommu, client: &Client, t: &Translate, model: &viommu::Viommu) {
+/// (under the write lock) can never interleave with it. Returns the page
+/// and access of a page request to raise (`TRANSLATE_F_PAGE_REQUEST`
+/// and a fault the guest can fix at the first page asked for).
+fn translate_table(
+    iommu: &Iommu,
+    client: &Client,
+    t: &Translate,
+    model: &viommu::Viommu,
+) -> Option<(u64, PageAccess)> {
     let access = PageAccess {
         write: t.flags & TRANSLATE_F_WRITE != 0,
         execute: t.flags & TRANSLATE_F_EXEC != 0,
@@ -142,7 +160,7 @@ fn translate_table(iommu: &Iommu, client: &Client, t: &Translate, model: &viommu
             }
             .into(),
         );
-        return;
+        return None;
     };
     let guard = vm_memory::GuestAddressSpace::memory(&mem);
     let end = t.iova.saturating_add(t.len.max(1) - 1);
@@ -205,15 +223,16 @@ fn translate_table(iommu: &Iommu, client: &Client, t: &Translate, model: &viommu
             );
         }
         Some(TableTranslateError::Fault(f)) => {
-            client.queue(
-                &viommu_protocol::messages::Fault {
-                    tag: t.tag,
-                    fault: table_fault_info(&f),
-                }
-                .into(),
-            );
+            let mut fault = table_fault_info(&f);
+            let raise = t.flags & TRANSLATE_F_PAGE_REQUEST != 0 && f.reason.is_recoverable();
+            if raise {
+                fault.flags |= FAULT_F_PAGE_REQUEST;
+            }
+            client.queue(&viommu_protocol::messages::Fault { tag: t.tag, fault }.into());
+            return raise.then_some((f.address, f.access));
         }
     }
+    None
 }
 
 /// How a table fault travels: MAPPING, with the access, the PASID, and

@@ -13,6 +13,7 @@
 //!   that do not say `INSPECT`; the remaining slot is for `ctl`.
 
 use std::{
+    collections::VecDeque,
     io,
     os::fd::AsRawFd,
     sync::{atomic::Ordering, Arc},
@@ -97,6 +98,7 @@ impl Server {
                         deadline: Instant::now() + HELLO_TIMEOUT,
                     },
                     wants_out: false,
+                    fds: VecDeque::new(),
                 },
             );
             if let Some(why) = refusal {

@@ -13,7 +13,9 @@
 //! - [`dispatch`]: the messages of a connection past HELLO;
 //! - [`queries`]: the inspection queries, answered on a thread of their
 //!   own because some read the PASID database;
-//! - this module: the loop, reading, writing and closing.
+//! - this module: the loop, reading (with the descriptors a client sends:
+//!   host fault queues), writing and closing; the fault queues' records;
+//!   the page requests' timer.
 //!
 //! The coherence rule (a guest UNMAP or DETACH completes only after every
 //! caching client dropped what it makes stale) lives in the
@@ -26,10 +28,10 @@ mod listener;
 mod queries;
 
 use std::{
-    collections::HashMap,
-    io,
+    collections::{HashMap, VecDeque},
+    io::{self, IoSliceMut},
     os::{
-        fd::AsRawFd,
+        fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::net::{UnixListener, UnixStream},
     },
     sync::{atomic::Ordering, Arc},
@@ -37,11 +39,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{debug, warn};
-use viommu_protocol::{messages::Bye, FrameBuffer, Message};
+use log::{debug, info, warn};
+use nix::{
+    errno::Errno,
+    sys::socket::{recvmsg, ControlMessageOwned, MsgFlags},
+};
+use viommu_protocol::{
+    messages::{AttachFaultQueue, Bye, CallResult},
+    FrameBuffer, Message, RESULT_INVALID, RESULT_OK,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::{
+    faults::{take_records, FaultQueue, QueueError, READ_BATCH, RECORD_SIZE},
     hub::{Client, Flushed},
     iommu::Iommu,
     ratelimit::RateLimited,
@@ -57,6 +67,9 @@ pub const MAX_CONNECTIONS: usize = MAX_CLIENTS + 1;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest frame a client may send once past HELLO.
 pub const MAX_CLIENT_FRAME: usize = 64 << 10;
+/// Descriptors a client may have sent ahead of the messages they come
+/// with; more end the connection.
+pub const MAX_PENDING_FDS: usize = 4;
 
 const LISTENER: u64 = 0;
 const WAKE: u64 = 1;
@@ -78,6 +91,15 @@ struct Conn {
     stage: Stage,
     /// EPOLLOUT is armed (the socket was full).
     wants_out: bool,
+    /// Descriptors received, for the ATTACH_FAULT_QUEUEs they came with.
+    fds: VecDeque<OwnedFd>,
+}
+
+/// An attached host fault queue, as the server thread reads it.
+struct QueueConn {
+    queue: Arc<FaultQueue>,
+    /// A partial record (a stream stand-in may split one).
+    input: Vec<u8>,
 }
 
 /// The control server's state, owned by its thread.
@@ -86,6 +108,7 @@ struct Server {
     epoll: Epoll,
     listener: UnixListener,
     conns: HashMap<u64, Conn>,
+    queues: HashMap<u64, QueueConn>,
     next_token: u64,
     queries: queries::QueryThread,
     /// Accepting is paused until then (the process ran out of fds).
@@ -114,6 +137,7 @@ pub fn start(iommu: Arc<Iommu>, listener: UnixListener) -> io::Result<thread::Jo
         epoll,
         listener,
         conns: HashMap::new(),
+        queues: HashMap::new(),
         next_token: FIRST_CONN,
         queries,
         accept_paused: None,
@@ -175,6 +199,7 @@ impl Server {
                 self.queries.collect();
                 self.sweep();
             }
+            token if self.queues.contains_key(&token) => self.queue_event(token, set),
             token => {
                 if set.intersects(EventSet::OUT) {
                     self.flush(token);
@@ -186,13 +211,17 @@ impl Server {
         }
     }
 
-    /// The nearest HELLO deadline or the end of an accept pause.
+    /// The nearest HELLO deadline, end of an accept pause or page-request
+    /// deadline.
     fn next_deadline(&self) -> Option<Instant> {
         let hello = self.conns.values().filter_map(|c| match c.stage {
             Stage::Hello { deadline } => Some(deadline),
             Stage::Active(_) => None,
         });
-        hello.chain(self.accept_paused).min()
+        hello
+            .chain(self.accept_paused)
+            .chain(self.iommu.page_request_deadline())
+            .min()
     }
 
     /// Closes connections whose HELLO did not arrive in time; resumes
@@ -211,6 +240,9 @@ impl Server {
             self.accept_paused = None;
             self.accept_all();
         }
+        if self.iommu.page_request_deadline().is_some_and(|t| t <= now) {
+            self.iommu.expire_page_requests();
+        }
     }
 
     /// Closes dead clients and writes what is queued for the others.
@@ -225,10 +257,16 @@ impl Server {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
-        match conn.input.fill_from(&conn.stream) {
+        match fill_with_fds(&mut conn.input, &conn.stream, &mut conn.fds) {
             Ok(true) => {}
             Ok(false) => return self.close(token, None),
             Err(e) => return self.close(token, Some(format!("read failed ({e})"))),
+        }
+        if conn.fds.len() > MAX_PENDING_FDS {
+            return self.refuse(
+                token,
+                &format!("more than {MAX_PENDING_FDS} descriptors sent ahead of their messages"),
+            );
         }
         loop {
             let Some(conn) = self.conns.get_mut(&token) else {
@@ -245,9 +283,14 @@ impl Server {
                     return self.refuse(token, &why);
                 }
             };
-            let done = match &conn.stage {
-                Stage::Hello { .. } => self.hello(token, msg),
-                Stage::Active(client) => {
+            let done = match (&conn.stage, msg) {
+                (Stage::Hello { .. }, msg) => self.hello(token, msg),
+                (Stage::Active(client), Message::AttachFaultQueue(m)) => {
+                    let client = client.clone();
+                    self.attach_queue(token, &client, m);
+                    Ok(())
+                }
+                (Stage::Active(client), msg) => {
                     let client = client.clone();
                     dispatch::handle(&self.iommu, &self.queries, &client, msg)
                 }
@@ -319,6 +362,117 @@ impl Server {
         self.close(token, Some(why.to_string()));
     }
 
+    /// ATTACH_FAULT_QUEUE: the descriptor that came with it becomes a
+    /// page-request source of the client's, read by this loop.
+    fn attach_queue(&mut self, token: u64, client: &Arc<Client>, m: AttachFaultQueue) {
+        let fd = self.conns.get_mut(&token).and_then(|c| c.fds.pop_front());
+        let result = match fd {
+            None => Err(QueueError::NoDescriptor),
+            Some(fd) => {
+                let endpoints = self.iommu.model().config().endpoints.clone();
+                self.iommu.sources().add_queue(|source| {
+                    FaultQueue::new(
+                        fd,
+                        &m.devices,
+                        |ep| endpoints.contains(ep),
+                        client.id,
+                        source,
+                    )
+                })
+            }
+        };
+        let (status, message) = match result {
+            Ok(queue) => match self.watch_queue(queue) {
+                Ok(()) => (RESULT_OK, String::new()),
+                Err(e) => (RESULT_INVALID, format!("cannot watch the fault queue: {e}")),
+            },
+            Err(e) => (RESULT_INVALID, e.to_string()),
+        };
+        client.queue(
+            &CallResult {
+                tag: m.tag,
+                status,
+                message,
+            }
+            .into(),
+        );
+    }
+
+    fn watch_queue(&mut self, queue: Arc<FaultQueue>) -> io::Result<()> {
+        let token = self.next_token;
+        self.next_token += 1;
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            queue.raw_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        ) {
+            self.iommu.sources().remove(queue.source);
+            return Err(e);
+        }
+        info!(
+            "control client {}: fault queue attached (source {})",
+            queue.owner, queue.source.0
+        );
+        self.queues.insert(
+            token,
+            QueueConn {
+                queue,
+                input: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Reads up to [`READ_BATCH`] records from a fault queue and raises
+    /// them; a queue that hung up or failed is closed.
+    fn queue_event(&mut self, token: u64, set: EventSet) {
+        let Some(q) = self.queues.get_mut(&token) else {
+            return;
+        };
+        let mut gone = None;
+        if set.intersects(EventSet::IN) {
+            let have = q.input.len();
+            q.input.resize(READ_BATCH * RECORD_SIZE, 0);
+            match q.queue.read(&mut q.input[have..]) {
+                Ok(n) => q.input.truncate(have + n),
+                Err(e) => {
+                    q.input.truncate(have);
+                    gone = Some(format!("read failed ({e})"));
+                }
+            }
+            let records = take_records(&mut q.input);
+            let queue = q.queue.clone();
+            if !records.is_empty() {
+                self.iommu.fault_records(&queue, &records);
+                return;
+            }
+        }
+        if gone.is_none() && set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            gone = Some("hung up".into());
+        }
+        if let Some(why) = gone {
+            self.close_queue(token, &why);
+        }
+    }
+
+    fn close_queue(&mut self, token: u64, why: &str) {
+        let Some(q) = self.queues.remove(&token) else {
+            return;
+        };
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            q.queue.raw_fd(),
+            EpollEvent::default(),
+        );
+        info!(
+            "fault queue of control client {}: {why}; detached",
+            q.queue.owner
+        );
+        if self.iommu.sources().remove(q.queue.source) {
+            self.iommu.sources_gone(&[q.queue.source]);
+        }
+    }
+
     /// Forgets a connection: unregisters its client (waking a guest
     /// request that waits for it) and closes the socket.
     fn close(&mut self, token: u64, why: Option<String>) {
@@ -343,6 +497,18 @@ impl Server {
                 self.iommu.hub().unregister(client);
                 stats.connected.fetch_sub(1, Ordering::Relaxed);
                 debug!("control client {} disconnected", client.id);
+                // Its page requests and fault queues end with it.
+                let queues: Vec<u64> = self
+                    .queues
+                    .iter()
+                    .filter(|(_, q)| q.queue.owner == client.id)
+                    .map(|(&t, _)| t)
+                    .collect();
+                for t in queues {
+                    self.close_queue(t, "its control connection closed");
+                }
+                let gone = self.iommu.sources().client_gone(client.id);
+                self.iommu.sources_gone(&gone);
             }
             Stage::Hello { .. } => {
                 if let Some(why) = why {
@@ -352,5 +518,59 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// [`FrameBuffer::fill_from`], also taking the descriptors that come with
+/// the bytes (`SCM_RIGHTS`, close-on-exec) into `fds`.
+fn fill_with_fds(
+    input: &mut FrameBuffer,
+    stream: &UnixStream,
+    fds: &mut VecDeque<OwnedFd>,
+) -> io::Result<bool> {
+    loop {
+        let spare = input.spare(64 * 1024);
+        let n_spare = spare.len();
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_PENDING_FDS]);
+        let mut iov = [IoSliceMut::new(spare)];
+        let received = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        );
+        let (n, truncated) = match received {
+            Ok(msg) => {
+                for c in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for fd in raw {
+                            // SAFETY: the kernel just installed `fd` in this
+                            // process for us; nothing else owns it.
+                            fds.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+                (msg.bytes, msg.flags.contains(MsgFlags::MSG_CTRUNC))
+            }
+            Err(Errno::EAGAIN) => {
+                input.filled(0, n_spare);
+                return Ok(true);
+            }
+            Err(Errno::EINTR) => {
+                input.filled(0, n_spare);
+                continue;
+            }
+            Err(e) => {
+                input.filled(0, n_spare);
+                return Err(e.into());
+            }
+        };
+        input.filled(n, n_spare);
+        if truncated {
+            return Err(io::Error::other(
+                "more descriptors than a message may carry",
+            ));
+        }
+        return Ok(n > 0);
     }
 }

@@ -17,7 +17,12 @@ use std::{
 };
 
 use log::warn;
-use viommu::{error::status_name, table::TableSpec, wire::*};
+use viommu::{
+    error::status_name,
+    prq::{AutoCause, ResponseCode, Stage},
+    table::TableSpec,
+    wire::*,
+};
 use viommu_protocol::{
     messages::{Query as QueryMsg, QueryReply},
     query::*,
@@ -118,6 +123,7 @@ pub(crate) fn answer(iommu: &Iommu, q: &Query) -> String {
         } => to_json(mappings(iommu, *domain, *from, *limit)),
         Query::Stats => to_json(Ok(stats(iommu))),
         Query::PasidTables { endpoint } => to_json(Ok(pasid_tables(iommu, *endpoint))),
+        Query::Faults { endpoint } => to_json(Ok(faults(iommu, *endpoint))),
         Query::Pasids { from, limit } => to_json(pasids(iommu, *from, *limit)),
     }
 }
@@ -240,6 +246,71 @@ fn stats(iommu: &Iommu) -> StatsReply {
         ack_timeouts: load(&hub.stats.ack_timeouts),
         clients_refused: load(&hub.stats.refused),
         clients_dropped: load(&hub.stats.dropped),
+        page_requests: page_request_counts(iommu),
+    }
+}
+
+fn page_request_counts(iommu: &Iommu) -> PageRequestCounts {
+    let (c, in_flight) = {
+        let model = iommu.model();
+        let prq = model.page_requests();
+        (prq.counters().clone(), prq.in_flight())
+    };
+    let st = &iommu.source_stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    PageRequestCounts {
+        raised: c.raised,
+        delivered: c.delivered,
+        in_flight,
+        guest: ResponseCode::ALL
+            .iter()
+            .map(|&code| (code.name().to_string(), c.guest(code)))
+            .collect(),
+        auto: AutoCause::ALL
+            .iter()
+            .map(|&cause| (cause.name().to_string(), c.auto(cause)))
+            .collect(),
+        stop_markers: c.stop_markers,
+        unknown_responses: c.unknown_responses,
+        source_gone: c.source_gone,
+        partials_discarded: c.partials_discarded,
+        requests_dropped: c.requests_dropped,
+        unknown_device: load(&st.unknown_device),
+        unknown_pasid: load(&st.unknown_pasid),
+        bad_group: load(&st.bad_group),
+        answers_lost: load(&st.answers_lost),
+        fault_queues: iommu.sources().queues(),
+    }
+}
+
+/// `faults`: the outstanding groups, as the device's queue holds them.
+fn faults(iommu: &Iommu, endpoint: Option<u32>) -> FaultsReply {
+    let model = iommu.model();
+    let prq = model.page_requests();
+    let limits = *prq.limits();
+    let groups = prq
+        .groups(iommu.page_request_clock())
+        .filter(|g| endpoint.is_none_or(|e| g.key.endpoint == e))
+        .map(|g| GroupInfo {
+            endpoint: g.key.endpoint,
+            pasid: g.key.pasid,
+            group_id: g.key.group_id,
+            stage: match g.stage {
+                Stage::Partial => "partial",
+                Stage::Delivering => "delivering",
+                Stage::AwaitingGuest => "awaiting-guest",
+            }
+            .to_string(),
+            source: g.source.0,
+            age_ms: u64::try_from(g.age.as_millis()).unwrap_or(u64::MAX),
+        })
+        .collect();
+    FaultsReply {
+        groups,
+        max_per_endpoint: limits.groups_per_endpoint,
+        timeout_ms: limits
+            .response_timeout
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
     }
 }
 

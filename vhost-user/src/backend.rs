@@ -12,10 +12,10 @@
 use std::{
     io,
     sync::{atomic::Ordering, Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use log::{debug, error, info, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use viommu::{device::Response, wire::CONFIG_BYPASS_OFFSET};
@@ -31,7 +31,7 @@ use vmm_sys_util::{
 };
 
 use crate::{
-    chain::{self, Request},
+    chain::{self, Request, RingError},
     error::report,
     hub::lock,
     iommu::{Iommu, Mem},
@@ -80,6 +80,9 @@ pub struct IommuBackend {
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     /// Errors the guest can repeat are logged at most once a second.
     guest_errors: RateLimited,
+    /// Broken rings, likewise (a family of their own, so a flood of bad
+    /// requests cannot hide them).
+    ring_errors: RateLimited,
 }
 
 impl IommuBackend {
@@ -92,7 +95,8 @@ impl IommuBackend {
                 ..Default::default()
             }),
             exit: Mutex::new(None),
-            guest_errors: RateLimited::new(Duration::from_secs(1)),
+            guest_errors: RateLimited::default(),
+            ring_errors: RateLimited::default(),
         }
     }
 
@@ -153,24 +157,20 @@ impl IommuBackend {
     /// publishes more than a queue size of requests at once broke the
     /// ring (virtio 1.2 §2.7.13.3), which stops the queue.
     fn check_ring(&self, rq: &mut RequestQueueState, vring: &VringRwLock, mem: &Mem) -> bool {
-        let state = vring.get_ref();
-        let queue = state.get_queue();
-        let next = queue.next_avail();
-        let avail = match queue.avail_idx(&*mem.memory(), Ordering::Acquire) {
-            Ok(idx) => idx.0,
+        match chain::available(vring, &mem.memory()) {
+            Ok(_) => true,
             // Unreadable ring memory: nothing to process now.
-            Err(_) => return false,
-        };
-        if avail.wrapping_sub(next) <= queue.size() {
-            return true;
+            Err(RingError::Unreadable) => false,
+            Err(e @ RingError::Broken { avail, next, .. }) => {
+                // A driver can break, reset and break its ring again:
+                // rate-limited like every error a guest can repeat.
+                self.ring_errors.error(format_args!(
+                    "request queue broken: {e}; the queue is stopped until the driver resets it"
+                ));
+                rq.state = RingState::Broken { avail, next };
+                false
+            }
         }
-        error!(
-            "request queue broken: the driver published avail index {avail} with {next} \
-             processed on a {}-entry ring; the queue is stopped until the driver resets it",
-            queue.size()
-        );
-        rq.state = RingState::Broken { avail, next };
-        false
     }
 
     /// Spins on the avail index for up to the poll interval. Returns true

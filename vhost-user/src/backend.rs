@@ -15,7 +15,7 @@ use std::{
     time::Instant,
 };
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use viommu::{device::Response, wire::CONFIG_BYPASS_OFFSET};
@@ -24,7 +24,9 @@ use virtio_bindings::{
     virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
 };
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{
+    Address, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::{
     epoll::EventSet,
     event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
@@ -302,6 +304,37 @@ impl IommuBackend {
     }
 }
 
+/// Checks that every file-backed region lies inside its file. Only
+/// regular files have a size that says where SIGBUS starts (memfd,
+/// tmpfs, hugetlbfs included); other kinds (device DAX) are left to the
+/// VMM.
+fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata()?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let gpa = region.start_addr().raw_value();
+        let len = region.len();
+        let end = fo.start().checked_add(len);
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the region at guest address {gpa:#x} ({len:#x} bytes from offset {:#x} of \
+                     its file) extends past the end of the file ({:#x} bytes)",
+                    fo.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl VhostUserBackend for IommuBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -383,7 +416,23 @@ impl VhostUserBackend for IommuBackend {
         Ok(())
     }
 
+    /// A new memory table (SET_MEM_TABLE, ADD_MEM_REG). A region that
+    /// extends past the end of its file would raise SIGBUS on the first
+    /// access there: the table is refused before anything touches it.
+    /// Refusing ends the connection (vhost-user-backend closes it on any
+    /// `Err`, after a failed REPLY_ACK), which is the honest answer: the
+    /// VMM cannot run this guest with us, and a later connection with a
+    /// good table is served as usual.
+    ///
+    /// A file shrunk after the table was accepted would still fault; no
+    /// VMM does that (QEMU never truncates guest RAM under a running
+    /// guest), and it is documented as VMM misbehaviour.
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        if let Err(e) = check_regions(&mem.memory()) {
+            error!("memory table refused: {e}");
+            self.iommu.set_memory(None);
+            return Err(e);
+        }
         self.iommu.set_memory(Some(mem));
         Ok(())
     }

@@ -58,7 +58,10 @@ impl RateLimited {
         st.0 = Some(now);
         drop(st);
         if suppressed > 0 {
-            log::log!(level, "{message} ({suppressed} similar messages suppressed)");
+            log::log!(
+                level,
+                "{message} ({suppressed} similar messages suppressed)"
+            );
         } else {
             log::log!(level, "{message}");
         }

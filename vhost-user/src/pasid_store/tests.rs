@@ -385,10 +385,7 @@ fn database_without_its_state_is_refused_and_left_alone() {
     let path = dir.path().join(DB_FILE);
     fs::write(&path, b"").unwrap();
     let e = Store::open(dir.path()).unwrap_err();
-    assert!(
-        matches!(e, StoreError::Empty { bytes: 0, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, StoreError::Empty { bytes: 0, .. }), "{e}");
     assert!(e.to_string().contains("is empty"), "{e}");
     assert_eq!(fs::metadata(&path).unwrap().len(), 0);
     fs::remove_file(&path).unwrap();
@@ -398,7 +395,10 @@ fn database_without_its_state_is_refused_and_left_alone() {
         .unwrap();
     drop(c);
     let e = Store::open(dir.path()).unwrap_err();
-    assert!(matches!(e, StoreError::Empty { bytes, .. } if bytes > 0), "{e}");
+    assert!(
+        matches!(e, StoreError::Empty { bytes, .. } if bytes > 0),
+        "{e}"
+    );
 }
 
 #[test]

@@ -877,6 +877,68 @@ fn socket_fd_that_is_not_a_listening_unix_socket_is_refused_at_start() {
     }
 }
 
+/// Sets the soft RLIMIT_NOFILE of process `pid`; returns the old one.
+fn set_fd_limit(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads the current limits into `old`, a valid rlimit.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: `new` is a valid rlimit; the old value is not asked for.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+/// A daemon out of file descriptors cannot accept its frontend: it
+/// retries with a growing pause, logs it rarely, and serves the frontend
+/// once descriptors are back.
+#[test]
+fn an_accept_that_keeps_failing_neither_spins_nor_floods_the_log() {
+    let mut d = Daemon::start(&[]);
+    let pid = d.pid();
+    let open = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let old = set_fd_limit(pid, open);
+    let log_before = fs::metadata(&d.log).unwrap().len();
+    let cpu_before = cpu_time(pid);
+    // A frontend knocks: accepting it fails for want of descriptors.
+    let knock = UnixStream::connect(&d.socket).unwrap();
+    thread::sleep(Duration::from_secs(2));
+    assert!(d.alive(), "the daemon exited:\n{}", d.log_text());
+    let cpu = cpu_time(pid) - cpu_before;
+    assert!(cpu < Duration::from_millis(500), "{cpu:?} of CPU in 2 s");
+    let grown = fs::metadata(&d.log).unwrap().len() - log_before;
+    assert!(
+        grown < 1024,
+        "the log grew by {grown} bytes in 2 s:\n{}",
+        d.log_text()
+    );
+    set_fd_limit(pid, old);
+    drop(knock);
+    let mut g = Guest::connect_within(&d.socket, GuestOptions::default(), Duration::from_secs(5));
+    assert_eq!(g.attach(1, EP), VIRTIO_IOMMU_S_OK, "{}", d.log_text());
+}
+
 /// Limits of zero and a mapping granule larger than the IOVA space are
 /// refused at start-up.
 #[test]

@@ -329,20 +329,29 @@ pub fn listen(source: &SocketSource) -> Result<(Listener, Option<OwnedSocket>), 
     }
 }
 
-/// Whether a failed accept may pass: the process or the system ran out
-/// of descriptors or memory. Anything else (the socket was closed or is
-/// not listening) fails again on every attempt.
-fn accept_may_pass(e: &vhost_user_backend::Error) -> bool {
-    let vhost_user_backend::Error::CreateBackendListener(vhost::vhost_user::Error::SocketError(io)) =
-        e
-    else {
-        // Starting the connection's thread failed: short of resources.
-        return matches!(e, vhost_user_backend::Error::StartDaemon(_));
+/// Whether a failure to take the next connection may pass: the process
+/// or the system ran out of descriptors, memory or threads. Anything
+/// else (the socket was closed or is not listening) fails again on every
+/// attempt.
+fn may_pass(e: &DaemonError) -> bool {
+    let short = |io: &io::Error| {
+        matches!(
+            io.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
+        )
     };
-    matches!(
-        io.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
-    )
+    match e {
+        // The connection's eventfds.
+        DaemonError::Io(io) => short(io),
+        // The handler's eventfds and epoll.
+        DaemonError::CreateDaemon(_) => true,
+        DaemonError::Accept(vhost_user_backend::Error::CreateBackendListener(
+            vhost::vhost_user::Error::SocketError(io),
+        )) => short(io),
+        // The connection's thread.
+        DaemonError::Accept(vhost_user_backend::Error::StartDaemon(_)) => true,
+        _ => false,
+    }
 }
 
 /// Longest pause between two failed accepts.
@@ -365,24 +374,30 @@ pub fn serve_listener(
     let accept_errors = RateLimited::new(Duration::from_secs(10));
     let mut backoff = Duration::ZERO;
     loop {
-        backend.begin_connection()?;
-        let mut daemon = VhostUserDaemon::new(
-            "vhost-device-iommu".to_string(),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(DaemonError::CreateDaemon)?;
-        if let Err(e) = daemon.start(&mut listener) {
-            if !accept_may_pass(&e) {
-                return Err(DaemonError::Accept(e));
+        let accepted = (|| {
+            backend.begin_connection()?;
+            let mut daemon = VhostUserDaemon::new(
+                "vhost-device-iommu".to_string(),
+                backend.clone(),
+                GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            )
+            .map_err(DaemonError::CreateDaemon)?;
+            daemon.start(&mut listener).map_err(DaemonError::Accept)?;
+            Ok(daemon)
+        })();
+        let mut daemon = match accepted {
+            Ok(d) => d,
+            Err(e) if may_pass(&e) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
+                accept_errors.warn(format_args!(
+                    "waiting for a frontend: {}; retrying in {backoff:?}",
+                    crate::error::report(&e)
+                ));
+                thread::sleep(backoff);
+                continue;
             }
-            backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
-            accept_errors.warn(format_args!(
-                "accepting a frontend: {e}; retrying in {backoff:?}"
-            ));
-            thread::sleep(backoff);
-            continue;
-        }
+            Err(e) => return Err(e),
+        };
         backoff = Duration::ZERO;
         info!("frontend connected");
         backend.iommu().set_frontend_connected(true);

@@ -28,7 +28,7 @@ use crate::{
     control,
     error::Error,
     iommu::Iommu,
-    pasid_manager::{PasidManager, PasidOptions, PasidService, SharedPasids},
+    pasid_manager::{ManagerError, PasidManager, PasidOptions, PasidService, SharedPasids},
     pasid_store::default_state_dir,
     ratelimit::RateLimited,
 };
@@ -123,7 +123,8 @@ impl OwnedSocket {
 
 /// Whether a process listens on the Unix socket at `path`: a
 /// non-blocking connect succeeds (or finds the backlog full) on a live
-/// socket and is refused on a stale one.
+/// socket and is refused on a stale one. The listener sees a connection
+/// closed at once (a vhost-user daemon: a frontend that hung up).
 fn listened_on(path: &Path) -> io::Result<bool> {
     use nix::{
         errno::Errno,
@@ -519,7 +520,7 @@ fn start(
             shared
                 .lock()
                 .start_checkpoints()
-                .map_err(DaemonError::from)?;
+                .map_err(ManagerError::from)?;
         }
         let iommu = Arc::new(Iommu::new(config, pasids.clone(), args.iommu_options())?);
         if let Some((path, listener)) = control {

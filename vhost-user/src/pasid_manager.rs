@@ -12,7 +12,6 @@
 //! their holders live inside the daemon and die with it.
 
 use std::{
-    io,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     thread,
@@ -28,8 +27,8 @@ use viommu::pasid::{
 use viommu_protocol::query::SetInfo;
 
 use crate::pasid_store::{
-    validate_vm_id, Reclaimed, SetRecord, Store, StoreError, StoreSource, VmLock, GRANULE,
-    LOCK_WAIT,
+    validate_vm_id, Checkpointer, Reclaimed, SetRecord, Store, StoreError, StoreSource, VmLock,
+    GRANULE, LOCK_WAIT,
 };
 
 /// What a daemon needs to serve its VM's PASID set.
@@ -345,35 +344,36 @@ impl PasidManager {
     }
 
     /// Starts the thread that checkpoints the store every
-    /// [`CHECKPOINT_INTERVAL`] after this daemon wrote to it. A passive
-    /// checkpoint (it waits for nobody): it bounds what a lost `-wal`
-    /// file or a power loss can take to the last interval's commits,
-    /// and keeps the fsyncs it costs out of the guest's PASID requests
-    /// (a commit itself does not fsync under `synchronous = NORMAL`).
-    pub fn start_checkpoints(&self) -> io::Result<()> {
-        let store = Arc::downgrade(&self.store);
+    /// [`CHECKPOINT_INTERVAL`] once something was written to it, on a
+    /// connection of its own: a passive checkpoint, which neither waits
+    /// for nor blocks the journal writes, so the fsyncs it costs stay out
+    /// of the guest's PASID requests (a commit itself does not fsync
+    /// under `synchronous = NORMAL`). It bounds what a lost `-wal` file
+    /// or a power loss can take to about the last interval's commits.
+    pub fn start_checkpoints(&self) -> Result<(), StoreError> {
+        let path = self
+            .store()
+            .map_err(|_| StoreError::Inconsistent {
+                path: self.options.state_dir.clone(),
+                detail: "state store lock poisoned".into(),
+            })?
+            .path()
+            .to_owned();
+        let mut checkpointer = Checkpointer::open(&path)?;
+        let alive = Arc::downgrade(&self.store);
         thread::Builder::new()
             .name("pasid-checkpoint".into())
-            .spawn(move || {
-                let mut done = None;
-                loop {
-                    thread::sleep(CHECKPOINT_INTERVAL);
-                    let Some(store) = store.upgrade() else {
-                        return;
-                    };
-                    let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
-                    let changes = store.changes();
-                    if done == Some(changes) {
-                        continue;
-                    }
-                    match store.checkpoint(false) {
-                        Ok(true) => done = Some(changes),
-                        // Readers held part of the log: next time.
-                        Ok(false) => {}
-                        Err(e) => warn!("checkpointing the PASID state: {e}"),
-                    }
+            .spawn(move || loop {
+                thread::sleep(CHECKPOINT_INTERVAL);
+                if alive.strong_count() == 0 {
+                    return;
                 }
-            })?;
+                match checkpointer.checkpoint_if_written() {
+                    Ok(_) => {}
+                    Err(e) => warn!("checkpointing the PASID state: {e}"),
+                }
+            })
+            .map_err(|source| StoreError::StateDir { path, source })?;
         Ok(())
     }
 

@@ -288,22 +288,7 @@ impl Store {
     /// busy timeout), else nothing waits. True when everything was
     /// copied, so the database file alone holds every commit.
     pub fn checkpoint(&mut self, truncate: bool) -> Result<bool, StoreError> {
-        let sql = if truncate {
-            "PRAGMA wal_checkpoint(TRUNCATE)"
-        } else {
-            "PRAGMA wal_checkpoint(PASSIVE)"
-        };
-        let (busy, log, done): (i64, i64, i64) = self
-            .conn
-            .query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.err())?;
-        Ok(busy == 0 && log == done)
-    }
-
-    /// Rows this handle has changed so far (to tell whether a checkpoint
-    /// is due).
-    pub fn changes(&self) -> u64 {
-        self.conn.total_changes()
+        checkpoint(&self.conn, &self.path, truncate)
     }
 
     /// The raw connection, for tests that damage or constrain it.
@@ -625,6 +610,60 @@ impl Store {
             .map_err(err)?;
         rows.collect::<Result<_, _>>().map_err(err)
     }
+}
+
+/// A connection of its own that only checkpoints a database: it runs
+/// beside the writers (a passive checkpoint in WAL mode neither blocks
+/// them nor waits for them), so the fsyncs a checkpoint costs never hold
+/// up a journal write.
+pub struct Checkpointer {
+    conn: Connection,
+    path: PathBuf,
+    /// `data_version` at the last complete checkpoint.
+    done: Option<i64>,
+}
+
+impl Checkpointer {
+    /// A checkpointing connection to the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn =
+            Connection::open_with_flags(path, flags).map_err(|e| StoreError::sqlite(path, e))?;
+        Ok(Checkpointer {
+            conn,
+            path: path.to_owned(),
+            done: None,
+        })
+    }
+
+    /// A passive checkpoint if another connection committed since the
+    /// last complete one. True when the database file holds every commit.
+    pub fn checkpoint_if_written(&mut self) -> Result<bool, StoreError> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "data_version", |r| r.get(0))
+            .map_err(|e| StoreError::sqlite(&self.path, e))?;
+        if self.done == Some(version) {
+            return Ok(true);
+        }
+        let complete = checkpoint(&self.conn, &self.path, false)?;
+        if complete {
+            self.done = Some(version);
+        }
+        Ok(complete)
+    }
+}
+
+fn checkpoint(conn: &Connection, path: &Path, truncate: bool) -> Result<bool, StoreError> {
+    let sql = if truncate {
+        "PRAGMA wal_checkpoint(TRUNCATE)"
+    } else {
+        "PRAGMA wal_checkpoint(PASSIVE)"
+    };
+    let (busy, log, done): (i64, i64, i64) = conn
+        .query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(|e| StoreError::sqlite(path, e))?;
+    Ok(busy == 0 && log == done)
 }
 
 /// Creates the database of `dir` whole if `path` does not exist: the

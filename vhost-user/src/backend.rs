@@ -426,7 +426,10 @@ impl VhostUserBackend for IommuBackend {
     ///
     /// A file shrunk after the table was accepted would still fault; no
     /// VMM does that (QEMU never truncates guest RAM under a running
-    /// guest), and it is documented as VMM misbehaviour.
+    /// guest), and it is documented as VMM misbehaviour. So is a bad
+    /// table sent while the rings run: vhost-user-backend installs a new
+    /// table in the vrings' shared memory handle before it calls this, so
+    /// a request being processed at that instant could touch it.
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         if let Err(e) = check_regions(&mem.memory()) {
             error!("memory table refused: {e}");

@@ -175,6 +175,12 @@ impl DriverRing {
         }
     }
 
+    /// Publishes `idx` as avail.idx whatever was added: a broken driver.
+    pub fn publish_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        self.avail_idx = idx;
+        self.publish(mem);
+    }
+
     pub fn avail_idx(&self) -> u16 {
         self.avail_idx
     }

@@ -11,7 +11,7 @@ pub mod tables;
 use std::{
     fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -32,6 +32,85 @@ use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend,
 use vmm_sys_util::eventfd::EventFd;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-iommu");
+
+/// The daemon binary under test: `$VDI_TEST_BIN` if set (to run a test
+/// file against another build, e.g. an older commit's, and see which
+/// promises it breaks), else the one cargo built.
+pub fn bin() -> PathBuf {
+    std::env::var_os("VDI_TEST_BIN").map_or_else(|| PathBuf::from(BIN), PathBuf::from)
+}
+
+/// Runs `cmd` to completion, but for at most `timeout`: a command that
+/// hangs is killed and the test fails instead of hanging the suite.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read both pipes on threads so a chatty child cannot block on them.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut v);
+        v
+    });
+    let err = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut v);
+        v
+    });
+    let status = wait_within(&mut child, timeout).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{cmd:?} still running after {timeout:?}: killed");
+    });
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit.
+pub fn wait_within(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A field of /proc/PID/status in its unit (kB for memory), e.g.
+/// `VmRSS` or `Threads`.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// CPU time (user + system) the process has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: fields count from after its ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// A running daemon process with its own socket and log.
@@ -48,11 +127,16 @@ impl Daemon {
     /// Starts the daemon with `--socket-path` plus `args`, and waits for
     /// its socket to appear.
     pub fn start(args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), args)
+    }
+
+    /// [`Self::start`] with the sockets (`viommu.sock`, `control.sock`)
+    /// and the log in `dir`, which the test may have prepared.
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
         let socket = dir.path().join("viommu.sock");
         let log = dir.path().join("daemon.log");
         let control = dir.path().join("control.sock");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.arg("--socket-path")
             .arg(&socket)
             .arg("--control-socket")
@@ -75,8 +159,14 @@ impl Daemon {
             log,
             dir,
         };
+        // Ready once it said it listens and its control socket answers
+        // (a stale socket left at the path does not count).
         d.wait_for(
-            || d.socket.exists() && d.control.exists(),
+            || {
+                d.socket.exists()
+                    && d.log_text().contains("listening on")
+                    && std::os::unix::net::UnixStream::connect(&d.control).is_ok()
+            },
             "sockets to appear",
         );
         d
@@ -128,16 +218,18 @@ impl Daemon {
         }
     }
 
-    /// Runs `ctl <args> --json` and returns its JSON document.
+    /// Runs `ctl <args> --json` and returns its JSON document; fails
+    /// the test if `ctl` takes more than 10 s.
     pub fn ctl(&self, args: &[&str]) -> serde_json::Value {
-        let out = Command::new(BIN)
-            .arg("ctl")
-            .arg("--control-socket")
-            .arg(&self.control)
-            .args(args)
-            .arg("--json")
-            .output()
-            .unwrap();
+        let out = output_within(
+            Command::new(bin())
+                .arg("ctl")
+                .arg("--control-socket")
+                .arg(&self.control)
+                .args(args)
+                .arg("--json"),
+            Duration::from_secs(10),
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(&text).unwrap_or_else(|e| {
             panic!(
@@ -292,6 +384,17 @@ pub fn open_frontend_without(
     event_idx: bool,
     drop_features: u64,
 ) -> (Frontend, u64) {
+    try_open_frontend(socket, mem, event_idx, drop_features).expect("SET_MEM_TABLE refused")
+}
+
+/// [`open_frontend_without`], returning the daemon's answer to
+/// SET_MEM_TABLE if it refuses the memory table.
+pub fn try_open_frontend(
+    socket: &Path,
+    mem: &GuestMemoryMmap,
+    event_idx: bool,
+    drop_features: u64,
+) -> Result<(Frontend, u64), vhost::Error> {
     let mut fe = Frontend::connect(socket, 2).unwrap();
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     fe.set_owner().unwrap();
@@ -309,9 +412,8 @@ pub fn open_frontend_without(
     fe.set_protocol_features(proto & want).unwrap();
     assert_eq!(fe.get_queue_num().unwrap(), 2);
     let region = mem.find_region(GuestAddress(0)).unwrap();
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
-        .unwrap();
-    (fe, features)
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])?;
+    Ok((fe, features))
 }
 
 /// Saves the device state as a VMM does (SET_DEVICE_STATE_FD with SAVE
@@ -371,12 +473,22 @@ impl Guest {
         options: GuestOptions,
         mem: GuestMemoryMmap,
     ) -> Guest {
+        Self::try_connect_with_memory(socket, options, mem).expect("SET_MEM_TABLE refused")
+    }
+
+    /// [`Self::connect_with_memory`], returning the daemon's answer to
+    /// SET_MEM_TABLE if it refuses the memory table.
+    pub fn try_connect_with_memory(
+        socket: &Path,
+        options: GuestOptions,
+        mem: GuestMemoryMmap,
+    ) -> Result<Guest, vhost::Error> {
         let (mut fe, features) =
-            open_frontend_without(socket, &mem, options.event_idx, options.drop_features);
+            try_open_frontend(socket, &mem, options.event_idx, options.drop_features)?;
         let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
         let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
         let (rq, eq) = setup_rings(&mut fe, &mem, options, &kicks, &calls);
-        Guest {
+        Ok(Guest {
             fe,
             mem,
             rq,
@@ -387,7 +499,19 @@ impl Guest {
             options,
             next_slot: 0,
             next_event: 0,
-        }
+        })
+    }
+
+    /// [`Self::connect`], for a daemon that may never answer: fails the
+    /// test after `timeout` instead of hanging it.
+    pub fn connect_within(socket: &Path, options: GuestOptions, timeout: Duration) -> Guest {
+        let socket = socket.to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(Guest::connect(&socket, options));
+        });
+        rx.recv_timeout(timeout)
+            .unwrap_or_else(|_| panic!("a new frontend connection was not served in {timeout:?}"))
     }
 
     /// Restarts both rings at index 0 on the same connection, as QEMU does

@@ -7,6 +7,10 @@
 //! and leases come from it. Prints allocations/s (frees included in the
 //! time) and journal transactions/s for P = 1, 2, 4, 8.
 //!
+//! Each process checkpoints the database once a second, as the daemon
+//! does (`PASID_BENCH_NO_CHECKPOINTS=1` leaves that out, to measure what
+//! it costs).
+//!
 //! Run: `cargo bench -p vhost-device-iommu --bench pasid_store`
 //! (`-- quick` for a shorter run).
 
@@ -28,6 +32,9 @@ fn worker(state: &Path, vm: &str, pairs: u32, go: &Path) {
         state_dir: state.to_owned(),
     })
     .expect("open manager");
+    if std::env::var_os("PASID_BENCH_NO_CHECKPOINTS").is_none() {
+        m.start_checkpoints().expect("checkpoint thread");
+    }
     println!("ready");
     while !go.exists() {
         std::thread::sleep(Duration::from_micros(200));

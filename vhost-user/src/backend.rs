@@ -16,7 +16,7 @@ use std::{
     fs::File,
     io,
     sync::{atomic::Ordering, Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use log::{debug, error, info, warn};
@@ -31,14 +31,16 @@ use virtio_bindings::{
     virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
 };
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{
+    Address, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::{
     epoll::EventSet,
     event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
 };
 
 use crate::{
-    chain::{self, Request},
+    chain::{self, Request, RingError},
     error::report,
     hub::lock,
     iommu::{Iommu, Mem},
@@ -91,6 +93,9 @@ pub struct IommuBackend {
     transfer: Mutex<Option<(VhostTransferStateDirection, Transfer)>>,
     /// Errors the guest can repeat are logged at most once a second.
     guest_errors: RateLimited,
+    /// Broken rings, likewise (a family of their own, so a flood of bad
+    /// requests cannot hide them).
+    ring_errors: RateLimited,
 }
 
 impl IommuBackend {
@@ -104,7 +109,8 @@ impl IommuBackend {
             }),
             exit: Mutex::new(None),
             transfer: Mutex::new(None),
-            guest_errors: RateLimited::new(Duration::from_secs(1)),
+            guest_errors: RateLimited::default(),
+            ring_errors: RateLimited::default(),
         }
     }
 
@@ -242,24 +248,20 @@ impl IommuBackend {
     /// publishes more than a queue size of requests at once broke the
     /// ring (virtio 1.2 §2.7.13.3), which stops the queue.
     fn check_ring(&self, rq: &mut RequestQueueState, vring: &VringRwLock, mem: &Mem) -> bool {
-        let state = vring.get_ref();
-        let queue = state.get_queue();
-        let next = queue.next_avail();
-        let avail = match queue.avail_idx(&*mem.memory(), Ordering::Acquire) {
-            Ok(idx) => idx.0,
+        match chain::available(vring, &mem.memory()) {
+            Ok(_) => true,
             // Unreadable ring memory: nothing to process now.
-            Err(_) => return false,
-        };
-        if avail.wrapping_sub(next) <= queue.size() {
-            return true;
+            Err(RingError::Unreadable) => false,
+            Err(e @ RingError::Broken { avail, next, .. }) => {
+                // A driver can break, reset and break its ring again:
+                // rate-limited like every error a guest can repeat.
+                self.ring_errors.error(format_args!(
+                    "request queue broken: {e}; the queue is stopped until the driver resets it"
+                ));
+                rq.state = RingState::Broken { avail, next };
+                false
+            }
         }
-        error!(
-            "request queue broken: the driver published avail index {avail} with {next} \
-             processed on a {}-entry ring; the queue is stopped until the driver resets it",
-            queue.size()
-        );
-        rq.state = RingState::Broken { avail, next };
-        false
     }
 
     /// Spins on the avail index for up to the poll interval. Returns true
@@ -395,6 +397,37 @@ impl IommuBackend {
     }
 }
 
+/// Checks that every file-backed region lies inside its file. Only
+/// regular files have a size that says where SIGBUS starts (memfd,
+/// tmpfs, hugetlbfs included); other kinds (device DAX) are left to the
+/// VMM.
+fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata()?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let gpa = region.start_addr().raw_value();
+        let len = region.len();
+        let end = fo.start().checked_add(len);
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the region at guest address {gpa:#x} ({len:#x} bytes from offset {:#x} of \
+                     its file) extends past the end of the file ({:#x} bytes)",
+                    fo.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl VhostUserBackend for IommuBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -480,7 +513,26 @@ impl VhostUserBackend for IommuBackend {
         Ok(())
     }
 
+    /// A new memory table (SET_MEM_TABLE, ADD_MEM_REG). A region that
+    /// extends past the end of its file would raise SIGBUS on the first
+    /// access there: the table is refused before anything touches it.
+    /// Refusing ends the connection (vhost-user-backend closes it on any
+    /// `Err`, after a failed REPLY_ACK), which is the honest answer: the
+    /// VMM cannot run this guest with us, and a later connection with a
+    /// good table is served as usual.
+    ///
+    /// A file shrunk after the table was accepted would still fault; no
+    /// VMM does that (QEMU never truncates guest RAM under a running
+    /// guest), and it is documented as VMM misbehaviour. So is a bad
+    /// table sent while the rings run: vhost-user-backend installs a new
+    /// table in the vrings' shared memory handle before it calls this, so
+    /// a request being processed at that instant could touch it.
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        if let Err(e) = check_regions(&mem.memory()) {
+            error!("memory table refused: {e}");
+            self.iommu.set_memory(None);
+            return Err(e);
+        }
         self.iommu.set_memory(Some(mem));
         Ok(())
     }

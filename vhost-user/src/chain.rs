@@ -31,6 +31,50 @@ pub enum ChainError {
     Memory(#[source] GuestMemoryError),
 }
 
+/// A ring whose avail index cannot be used.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum RingError {
+    /// The avail index could not be read (no usable ring memory).
+    #[error("the avail index cannot be read")]
+    Unreadable,
+    /// The driver published an avail index more than a queue size ahead
+    /// of the device's (virtio 1.2 §2.7.13.3): the ring is broken.
+    #[error(
+        "the driver published avail index {avail} with {next} processed on a {size}-entry ring"
+    )]
+    Broken {
+        /// The avail index the driver published.
+        avail: u16,
+        /// The device's next index.
+        next: u16,
+        /// The queue size.
+        size: u16,
+    },
+}
+
+/// Chains the driver has made available to the device (at most a queue
+/// size), read with acquire ordering. Every ring is checked with this
+/// before it is popped: a driver that publishes more than a queue size
+/// broke its ring, and popping it would fail again on every attempt.
+pub fn available(vring: &VringRwLock, mem: &GuestMemoryMmap) -> Result<u16, RingError> {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    let next = queue.next_avail();
+    let avail = queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(|_| RingError::Unreadable)?
+        .0;
+    let n = avail.wrapping_sub(next);
+    if n > queue.size() {
+        return Err(RingError::Broken {
+            avail,
+            next,
+            size: queue.size(),
+        });
+    }
+    Ok(n)
+}
+
 /// Pops the next available descriptor chain of `vring`. A function, not
 /// an inline `while let` on the vring: the vring's lock is released
 /// before the caller uses the chain and calls `add_used`.

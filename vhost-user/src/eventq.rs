@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 
-use log::{debug, warn};
+use log::debug;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
@@ -18,7 +18,10 @@ use vm_memory::GuestAddressSpace;
 use viommu::{prq::AutoCause, wire::FaultRecordExt};
 use vm_memory::ByteValued;
 
-use crate::chain::Request;
+use crate::{
+    chain::{Request, RingError},
+    ratelimit::RateLimited,
+};
 
 type Mem = crate::iommu::Mem;
 
@@ -79,6 +82,12 @@ pub struct EventQueue {
     /// Spare gather buffers, so holding buffers does not allocate.
     spare: Vec<Request>,
     stats: EventStats,
+    /// The driver broke the ring (avail index more than a queue size
+    /// ahead): it is left alone until it is stopped or reset.
+    broken: bool,
+    /// Everything the guest can cause here is logged at most once a
+    /// second.
+    guest_errors: RateLimited,
 }
 
 impl EventQueue {
@@ -110,7 +119,21 @@ impl EventQueue {
         let Some(vring) = self.vring.clone() else {
             return;
         };
+        if self.broken {
+            return;
+        }
         let guard = mem.memory();
+        match crate::chain::available(&vring, &guard) {
+            Ok(_) => {}
+            Err(RingError::Unreadable) => return,
+            Err(e) => {
+                self.broken = true;
+                self.guest_errors.error(format_args!(
+                    "event queue broken: {e}; it is left alone until the driver resets it"
+                ));
+                return;
+            }
+        }
         while let Some(chain) = crate::chain::pop(&vring, guard.clone()) {
             let head = chain.head_index();
             let mut buf = self.spare.pop().unwrap_or_default();
@@ -118,7 +141,8 @@ impl EventQueue {
                 Ok(()) => self.held.push_back(Held { head, buf }),
                 Err(e) => {
                     // Keep the FIFO order: hand the unusable buffer back now.
-                    warn!("event buffer {head}: {e}");
+                    self.guest_errors
+                        .warn(format_args!("event buffer {head}: {e}"));
                     self.complete(head, 0);
                     self.spare.push(buf);
                 }
@@ -167,7 +191,9 @@ impl EventQueue {
     pub fn post_later(&mut self, record: &[u8]) {
         if self.pending.len() >= MAX_PENDING {
             self.stats.dropped += 1;
-            warn!("event queue full: event dropped (driver posts no buffers)");
+            self.guest_errors.warn(format_args!(
+                "event queue full: event dropped (driver posts no buffers)"
+            ));
             return;
         }
         let len = record.len().min(MAX_EVENT);
@@ -185,7 +211,7 @@ impl EventQueue {
     /// waits for a LAST that never comes). Faults waiting for a buffer go
     /// first.
     pub fn post_group(&mut self, records: &[FaultRecordExt], mem: &Mem) -> Result<(), Undelivered> {
-        if self.vring.is_none() {
+        if self.vring.is_none() || self.broken {
             return Err(Undelivered::NoBuffer);
         }
         self.deliver(mem);
@@ -223,7 +249,8 @@ impl EventQueue {
         self.signal();
         match failed {
             Some(why) => {
-                warn!("{why}: page-request group not delivered");
+                self.guest_errors
+                    .warn(format_args!("{why}: page-request group not delivered"));
                 Err(Undelivered::NoBuffer)
             }
             None => {
@@ -254,7 +281,9 @@ impl EventQueue {
             };
             let written = if room < len {
                 // Never split a record across buffers (virtio-iommu 1.3).
-                warn!("event buffer of {room} bytes is too small for a {len}-byte event");
+                self.guest_errors.warn(format_args!(
+                    "event buffer of {room} bytes is too small for a {len}-byte event"
+                ));
                 self.pending.push_front(event);
                 0
             } else {
@@ -264,7 +293,8 @@ impl EventQueue {
                         len
                     }
                     Err(e) => {
-                        warn!("event buffer {}: {e}", held.head);
+                        self.guest_errors
+                            .warn(format_args!("event buffer {}: {e}", held.head));
                         self.pending.push_front(event);
                         0
                     }
@@ -282,7 +312,8 @@ impl EventQueue {
     fn complete(&self, head: u16, len: u32) {
         if let Some(vring) = &self.vring {
             if let Err(e) = vring.add_used(head, len) {
-                warn!("event queue add_used: {e}");
+                self.guest_errors
+                    .warn(format_args!("event queue add_used: {e}"));
             }
         }
     }
@@ -292,11 +323,14 @@ impl EventQueue {
             match vring.needs_notification() {
                 Ok(true) => {
                     if let Err(e) = vring.signal_used_queue() {
-                        warn!("event queue signal: {e}");
+                        self.guest_errors
+                            .warn(format_args!("event queue signal: {e}"));
                     }
                 }
                 Ok(false) => {}
-                Err(e) => warn!("event queue notification check: {e}"),
+                Err(e) => self
+                    .guest_errors
+                    .warn(format_args!("event queue notification check: {e}")),
             }
         }
     }
@@ -316,11 +350,13 @@ impl EventQueue {
             );
         }
         self.spare.extend(self.held.drain(..).map(|h| h.buf));
+        self.broken = false;
     }
 
     /// Forgets buffers and events (device reset or a new connection).
     pub fn reset(&mut self, keep_pending: bool) {
         self.vring = None;
+        self.broken = false;
         self.spare.extend(self.held.drain(..).map(|h| h.buf));
         if !keep_pending {
             self.pending.clear();

@@ -14,6 +14,8 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
+    thread,
+    time::Duration,
 };
 
 use log::{info, warn};
@@ -25,8 +27,8 @@ use viommu::pasid::{
 use viommu_protocol::query::SetInfo;
 
 use crate::pasid_store::{
-    validate_vm_id, Reclaimed, SetRecord, Store, StoreError, StoreSource, VmLock, GRANULE,
-    LOCK_WAIT,
+    validate_vm_id, Checkpointer, Reclaimed, SetRecord, Store, StoreError, StoreSource, VmLock,
+    GRANULE, LOCK_WAIT,
 };
 
 /// What a daemon needs to serve its VM's PASID set.
@@ -135,9 +137,15 @@ pub struct PasidManager {
     translator: Translator,
     set: SetId,
     store: Arc<Mutex<Store>>,
+    /// This start created the set (it did not exist before).
+    created: bool,
     /// Held for the daemon's whole life: proof that it serves the VM.
     _lock: VmLock,
 }
+
+/// How often a daemon that wrote to the store copies the write-ahead log
+/// into the database file (see [`PasidManager::start_checkpoints`]).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for PasidManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,6 +241,7 @@ impl PasidManager {
             translator,
             set,
             store,
+            created: !rec.existed,
             _lock: lock,
         })
     }
@@ -333,6 +342,76 @@ impl PasidManager {
         let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         // We hold the VM's lock: no other daemon serves it.
         store.reclaim(&self.options.vm_id)
+    }
+
+    /// The daemon failed to start after opening the set: a set this
+    /// start created is deleted again, so a failed start leaves no trace
+    /// in the store; a set that existed (a VM being recovered) is kept
+    /// for the next start.
+    pub fn abandon(&mut self) {
+        if !self.created {
+            return;
+        }
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        match store.reclaim(&self.options.vm_id) {
+            Ok(_) => info!(
+                "start-up failed: PASID set of VM `{}` removed again",
+                self.options.vm_id
+            ),
+            Err(e) => warn!(
+                "start-up failed: removing the new PASID set of VM `{}`: {e}",
+                self.options.vm_id
+            ),
+        }
+    }
+
+    /// At a clean exit: everything committed goes into the database file
+    /// and the write-ahead log is emptied, so the file alone holds the
+    /// host's PASID state (a lost `-wal` file then loses nothing).
+    pub fn checkpoint_at_exit(&mut self) {
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        match store.checkpoint(true) {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                "{}: another daemon was reading; the write-ahead log was not emptied",
+                store.path().display()
+            ),
+            Err(e) => warn!("checkpointing the PASID state at exit: {e}"),
+        }
+    }
+
+    /// Starts the thread that checkpoints the store every
+    /// [`CHECKPOINT_INTERVAL`] once something was written to it, on a
+    /// connection of its own: a passive checkpoint, which neither waits
+    /// for nor blocks the journal writes, so the fsyncs it costs stay out
+    /// of the guest's PASID requests (a commit itself does not fsync
+    /// under `synchronous = NORMAL`). It bounds what a lost `-wal` file
+    /// or a power loss can take to about the last interval's commits.
+    pub fn start_checkpoints(&self) -> Result<(), StoreError> {
+        let path = self
+            .store()
+            .map_err(|_| StoreError::Inconsistent {
+                path: self.options.state_dir.clone(),
+                detail: "state store lock poisoned".into(),
+            })?
+            .path()
+            .to_owned();
+        let mut checkpointer = Checkpointer::open(&path)?;
+        let alive = Arc::downgrade(&self.store);
+        thread::Builder::new()
+            .name("pasid-checkpoint".into())
+            .spawn(move || loop {
+                thread::sleep(CHECKPOINT_INTERVAL);
+                if alive.strong_count() == 0 {
+                    return;
+                }
+                match checkpointer.checkpoint_if_written() {
+                    Ok(_) => {}
+                    Err(e) => warn!("checkpointing the PASID state: {e}"),
+                }
+            })
+            .map_err(|source| StoreError::StateDir { path, source })?;
+        Ok(())
     }
 
     /// Frees every active PASID of the set, as the owner: the guest driver

@@ -10,9 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::warn;
+use log::Level;
 
 use crate::hub::lock;
+
+/// How often a family of guest-caused messages may be logged.
+pub(crate) const GUEST_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One rate limit shared by a family of messages.
 pub(crate) struct RateLimited {
@@ -32,6 +35,16 @@ impl RateLimited {
     /// Logs `message` at WARN unless a line was logged less than an
     /// interval ago.
     pub(crate) fn warn(&self, message: fmt::Arguments<'_>) {
+        self.log(Level::Warn, message);
+    }
+
+    /// Logs `message` at ERROR unless a line was logged less than an
+    /// interval ago.
+    pub(crate) fn error(&self, message: fmt::Arguments<'_>) {
+        self.log(Level::Error, message);
+    }
+
+    fn log(&self, level: Level, message: fmt::Arguments<'_>) {
         let now = Instant::now();
         let mut st = lock(&self.state);
         if st
@@ -45,9 +58,12 @@ impl RateLimited {
         st.0 = Some(now);
         drop(st);
         if suppressed > 0 {
-            warn!("{message} ({suppressed} similar messages suppressed)");
+            log::log!(
+                level,
+                "{message} ({suppressed} similar messages suppressed)"
+            );
         } else {
-            warn!("{message}");
+            log::log!(level, "{message}");
         }
     }
 
@@ -55,6 +71,13 @@ impl RateLimited {
     #[cfg(test)]
     pub(crate) fn suppressed(&self) -> u64 {
         lock(&self.state).1
+    }
+}
+
+impl Default for RateLimited {
+    /// One line per [`GUEST_LOG_INTERVAL`].
+    fn default() -> Self {
+        Self::new(GUEST_LOG_INTERVAL)
     }
 }
 

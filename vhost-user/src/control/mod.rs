@@ -487,10 +487,11 @@ impl Server {
         let stats = &self.iommu.hub().stats;
         match &conn.stage {
             Stage::Active(client) => {
-                // A client the hub killed may be seen hanging up (its
-                // socket was shut down) before it is swept.
+                // A client the hub killed (full outbox, missed
+                // acknowledgements) counts as dropped whichever event
+                // noticed it first: the failed write or the hang-up
+                // that its shutdown causes. The hub logged its reason.
                 if let Some(why) = why.or_else(|| client.death()) {
-                    // The hub logged its own reasons when it killed.
                     client.kill(why);
                     stats.dropped.fetch_add(1, Ordering::Relaxed);
                 }

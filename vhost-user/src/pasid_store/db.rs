@@ -165,7 +165,9 @@ impl Store {
     /// ours, at our schema version, passing `quick_check`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         create_state_dir(dir)?;
-        Self::open_file(dir.join(DB_FILE), true)
+        let path = dir.join(DB_FILE);
+        create_if_missing(dir, &path)?;
+        Self::open_file(path)
     }
 
     /// Opens the database of `dir`, which must exist (admin commands).
@@ -174,16 +176,16 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::Missing(dir.to_owned()));
         }
-        Self::open_file(path, false)
+        Self::open_file(path)
     }
 
-    /// Opens and checks the database. While another daemon creates it or
-    /// switches it to WAL, SQLite may report it busy without waiting
-    /// (lock upgrades it cannot queue): such opens are retried.
-    fn open_file(path: PathBuf, create: bool) -> Result<Store, StoreError> {
+    /// Opens and checks the database, which must exist. While another
+    /// daemon switches it to WAL, SQLite may report it busy without
+    /// waiting (lock upgrades it cannot queue): such opens are retried.
+    fn open_file(path: PathBuf) -> Result<Store, StoreError> {
         let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
         loop {
-            match Self::try_open_file(path.clone(), create) {
+            match Self::try_open_file(path.clone()) {
                 Err(StoreError::Sqlite { source, .. })
                     if matches!(
                         source.sqlite_error_code(),
@@ -199,27 +201,34 @@ impl Store {
         }
     }
 
-    fn try_open_file(path: PathBuf, create: bool) -> Result<Store, StoreError> {
+    fn try_open_file(path: PathBuf) -> Result<Store, StoreError> {
         let err = |e| StoreError::sqlite(&path, e);
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        if create {
-            flags |= OpenFlags::SQLITE_OPEN_CREATE;
-        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn = Connection::open_with_flags(&path, flags).map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         // The first read of the header: fails on files that are not SQLite.
         // One read transaction, so that both fields come from the same
-        // commit even while another daemon creates the schema.
-        let (app_id, version) = conn
+        // commit.
+        let (app_id, version, tables) = conn
             .transaction()
             .and_then(|tx| {
-                let h = header(&tx)?;
+                let (app, version) = header(&tx)?;
+                let tables: i64 =
+                    tx.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |r| r.get(0))?;
                 tx.commit()?;
-                Ok(h)
+                Ok((app, version, tables))
             })
             .map_err(err)?;
         match (app_id, version) {
-            (0, 0) | (APPLICATION_ID, SCHEMA_VERSION) => {}
+            (APPLICATION_ID, SCHEMA_VERSION) => {}
+            // Never one of ours: a database is created whole (see
+            // `create_if_missing`), so its state is lost. Adopting it as
+            // a new allocator could hand out PASIDs that running VMs
+            // hold; it is left as it is, for the administrator.
+            (0, 0) if tables == 0 => {
+                let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+                return Err(StoreError::Empty { path, bytes });
+            }
             (APPLICATION_ID, found) => {
                 return Err(StoreError::SchemaVersion {
                     path,
@@ -235,11 +244,6 @@ impl Store {
                 })
             }
         }
-        if app_id == 0 {
-            // Small pages: a journal transaction writes two or three of
-            // them to the WAL. Only takes effect on an empty file.
-            conn.pragma_update(None, "page_size", 1024).map_err(err)?;
-        }
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
             .map_err(err)?;
@@ -253,9 +257,6 @@ impl Store {
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", true)
             .map_err(err)?;
-        if app_id == 0 {
-            initialize(&mut conn, &path)?;
-        }
         let check: String = conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(err)?;
@@ -280,6 +281,14 @@ impl Store {
             path,
             granule,
         })
+    }
+
+    /// Copies what the write-ahead log holds into the database file:
+    /// `truncate` also empties the log (waiting for readers up to the
+    /// busy timeout), else nothing waits. True when everything was
+    /// copied, so the database file alone holds every commit.
+    pub fn checkpoint(&mut self, truncate: bool) -> Result<bool, StoreError> {
+        checkpoint(&self.conn, &self.path, truncate)
     }
 
     /// The raw connection, for tests that damage or constrain it.
@@ -613,6 +622,132 @@ impl Store {
             .map_err(err)?;
         rows.collect::<Result<_, _>>().map_err(err)
     }
+}
+
+/// A connection of its own that only checkpoints a database: it runs
+/// beside the writers (a passive checkpoint in WAL mode neither blocks
+/// them nor waits for them), so the fsyncs a checkpoint costs never hold
+/// up a journal write.
+pub struct Checkpointer {
+    conn: Connection,
+    path: PathBuf,
+    /// `data_version` at the last complete checkpoint.
+    done: Option<i64>,
+}
+
+impl Checkpointer {
+    /// A checkpointing connection to the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn =
+            Connection::open_with_flags(path, flags).map_err(|e| StoreError::sqlite(path, e))?;
+        Ok(Checkpointer {
+            conn,
+            path: path.to_owned(),
+            done: None,
+        })
+    }
+
+    /// A passive checkpoint if another connection committed since the
+    /// last complete one. True when the database file holds every commit.
+    pub fn checkpoint_if_written(&mut self) -> Result<bool, StoreError> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "data_version", |r| r.get(0))
+            .map_err(|e| StoreError::sqlite(&self.path, e))?;
+        if self.done == Some(version) {
+            return Ok(true);
+        }
+        let complete = checkpoint(&self.conn, &self.path, false)?;
+        if complete {
+            self.done = Some(version);
+        }
+        Ok(complete)
+    }
+}
+
+fn checkpoint(conn: &Connection, path: &Path, truncate: bool) -> Result<bool, StoreError> {
+    let sql = if truncate {
+        "PRAGMA wal_checkpoint(TRUNCATE)"
+    } else {
+        "PRAGMA wal_checkpoint(PASSIVE)"
+    };
+    let (busy, log, done): (i64, i64, i64) = conn
+        .query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(|e| StoreError::sqlite(path, e))?;
+    Ok(busy == 0 && log == done)
+}
+
+/// Creates the database of `dir` whole if `path` does not exist: the
+/// schema is written to a file of its own, made durable, then linked to
+/// `path`, so `path` never names a database without its schema (the file
+/// SQLite creates is empty until the first commit, and in WAL mode the
+/// schema would live in the `-wal` file until a checkpoint). Daemons
+/// creating it at once: one link wins, the others use its database.
+fn create_if_missing(dir: &Path, path: &Path) -> Result<(), StoreError> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(StoreError::StateDir {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    }
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{DB_FILE}.{}.{n}.new", std::process::id()));
+    let remove_tmp = || {
+        for ext in ["", "-journal", "-wal", "-shm"] {
+            let mut p = tmp.clone().into_os_string();
+            p.push(ext);
+            let _ = std::fs::remove_file(p);
+        }
+    };
+    remove_tmp();
+    let result = (|| {
+        let err = |e| StoreError::sqlite(&tmp, e);
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(&tmp, flags).map_err(err)?;
+        // Small pages: a journal transaction writes two or three of them.
+        conn.pragma_update(None, "page_size", 1024).map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        initialize(&mut conn, &tmp)?;
+        // WAL is recorded in the file's header; closing checkpoints.
+        let _: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(err)?;
+        conn.close().map_err(|(_, e)| err(e))?;
+        let io_err = |source| StoreError::StateDir {
+            path: tmp.clone(),
+            source,
+        };
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err)?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(StoreError::StateDir {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StoreError::StateDir {
+                path: dir.to_owned(),
+                source,
+            })
+    })();
+    remove_tmp();
+    result
 }
 
 /// `(application_id, user_version)` of the database.

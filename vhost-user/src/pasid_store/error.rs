@@ -72,6 +72,13 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+    #[error("{path} holds no PASID state ({}): the state it held is lost, or it was never written \
+             (this daemon creates it whole). If no VM on this host holds host PASIDs, stop every \
+             daemon using this state directory and remove it (with its -wal and -shm files) to \
+             start with an empty allocator; otherwise PASIDs in use could be handed out twice",
+             if *bytes == 0 { "it is empty, 0 bytes".to_string() }
+             else { format!("an SQLite file of {bytes} bytes without our schema; was its -wal file removed?") })]
+    Empty { path: PathBuf, bytes: u64 },
     #[error("{path} is corrupt: {detail}; move it away to start with an empty allocator")]
     Corrupt { path: PathBuf, detail: String },
     #[error("no space left to write {path} (disk full or file size limit)")]

@@ -22,7 +22,9 @@ mod source;
 
 use std::path::PathBuf;
 
-pub use db::{PasidRecord, Reclaimed, RecoveredSet, SetRecord, Store, DB_FILE, SCHEMA_VERSION};
+pub use db::{
+    Checkpointer, PasidRecord, Reclaimed, RecoveredSet, SetRecord, Store, DB_FILE, SCHEMA_VERSION,
+};
 pub use error::StoreError;
 pub use lock::{lock_path, VmLock, LOCK_WAIT};
 pub use source::StoreSource;

@@ -376,3 +376,46 @@ fn vm_ids_must_be_printable_and_bounded() {
         lock_path(Path::new("/s"), "b")
     );
 }
+
+#[test]
+fn database_without_its_state_is_refused_and_left_alone() {
+    // 0 bytes (truncated, or created by hand), and an SQLite file whose
+    // schema was lost with its -wal file: neither is a new allocator.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    fs::write(&path, b"").unwrap();
+    let e = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(e, StoreError::Empty { bytes: 0, .. }), "{e}");
+    assert!(e.to_string().contains("is empty"), "{e}");
+    assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+    fs::remove_file(&path).unwrap();
+    let c = raw(dir.path());
+    let _: String = c
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .unwrap();
+    drop(c);
+    let e = Store::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(e, StoreError::Empty { bytes, .. } if bytes > 0),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_checkpoint_leaves_every_commit_in_the_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(dir.path());
+    // The daemon's checkpointer runs on a connection of its own, beside
+    // the writer.
+    let mut c = Checkpointer::open(&dir.path().join(DB_FILE)).unwrap();
+    s.open_set("a", 10, 1).unwrap();
+    assert!(c.checkpoint_if_written().unwrap());
+    // The database file alone (no -wal) holds the set.
+    let copy = tempfile::tempdir().unwrap();
+    fs::copy(dir.path().join(DB_FILE), copy.path().join(DB_FILE)).unwrap();
+    let sets = Store::open(copy.path()).unwrap().sets().unwrap();
+    assert_eq!(sets.len(), 1);
+    assert!(s.checkpoint(true).unwrap());
+    let wal = dir.path().join(format!("{DB_FILE}-wal"));
+    assert_eq!(fs::metadata(wal).map_or(0, |m| m.len()), 0);
+}

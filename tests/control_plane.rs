@@ -128,7 +128,10 @@ fn no_stale_translation_under_concurrent_translate_traffic() {
     // completion of UNMAP k-1 and of UNMAP k; MAP k points to page k. A
     // DMA that starts in epoch e and uses page k < e used a translation
     // whose UNMAP the guest had already seen complete: a stale cache.
-    let d = Daemon::start(&["--boot-bypass", "off"]);
+    // A generous ack deadline: on a loaded host a descheduled client
+    // must not be disconnected (a_client_stopped_past_the_ack_deadline_...
+    // covers that path).
+    let d = Daemon::start(&["--boot-bypass", "off", "--client-timeout-ms", "5000"]);
     let mut g = Guest::connect(&d.socket, GuestOptions::default());
     g.attach(1, EP);
     let vmm = Arc::new(Client::connect(&d.control, cached()).unwrap());
@@ -540,4 +543,116 @@ fn control_socket_is_private_and_foreign_uids_are_refused() {
     assert!(!out.status.success(), "a foreign uid was served");
     assert!(err.contains("uid 65534 is not allowed"), "{err}");
     assert_eq!(d.ctl(&["stats"])["clients_refused"], 1);
+}
+
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    Duration::from(t).as_nanos() as u64
+}
+
+/// The other process of
+/// `a_client_stopped_past_the_ack_deadline_never_uses_a_stale_translation`:
+/// a caching device model doing DMA in a loop, printing when each
+/// translation started and what it gave.
+#[test]
+#[ignore = "run as a child process by the test below"]
+fn stale_cache_child() {
+    let Ok(control) = std::env::var("VDI_CHILD_CONTROL") else {
+        return;
+    };
+    let vmm = Client::connect(&control, cached()).unwrap();
+    loop {
+        let started = monotonic_ns();
+        match vmm.translate_with(EP, 0x40000, 8, Access::Write, |s| s[0].gpa) {
+            Ok(gpa) => println!("DMA {started} {gpa}"),
+            Err(Error::Disconnected) => {
+                println!("DMA {started} disconnected");
+                return;
+            }
+            Err(e) => println!("DMA {started} error {e}"),
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_client_stopped_past_the_ack_deadline_never_uses_a_stale_translation() {
+    use nix::{
+        sys::signal::{kill, Signal},
+        unistd::Pid,
+    };
+    use std::io::BufRead;
+    let d = Daemon::start(&["--boot-bypass", "off", "--client-timeout-ms", "200"]);
+    let mut g = Guest::connect(&d.socket, GuestOptions::default());
+    g.attach(1, EP);
+    let (old, new) = (DATA_AREA, DATA_AREA + 0x1000);
+    assert_eq!(g.map(1, 0x40000, 0x40fff, old, RW), VIRTIO_IOMMU_S_OK);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["stale_cache_child", "--exact", "--ignored", "--nocapture"])
+        .env("VDI_CHILD_CONTROL", &d.control)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let mut w = line.split_whitespace();
+            if w.next() == Some("DMA") {
+                let started: u64 = w.next().unwrap().parse().unwrap();
+                let rest: Vec<&str> = w.collect();
+                let _ = tx.send((started, rest.join(" ")));
+            }
+        }
+    });
+    // The child caches the translation and uses it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, r) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        if r == old.to_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the child never translated");
+    }
+    // It stops (descheduled, as on a loaded host) past the deadline: the
+    // guest's UNMAP completes without its acknowledgement.
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // A signal takes effect when the process next runs: wait until every
+    // thread of it is stopped.
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|t| std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default())
+            .all(|stat| {
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                state.starts_with('T') || state.starts_with('t')
+            })
+    };
+    d.wait_for(stopped, "the child to stop");
+    assert_eq!(g.unmap(1, 0x40000, 0x40fff), VIRTIO_IOMMU_S_OK);
+    let unmapped = monotonic_ns();
+    assert_eq!(d.ctl(&["stats"])["ack_timeouts"], 1);
+    assert_eq!(g.map(1, 0x40000, 0x40fff, new, RW), VIRTIO_IOMMU_S_OK);
+    thread::sleep(Duration::from_millis(50));
+    kill(pid, Signal::SIGCONT).unwrap();
+    // Whatever it does now, no DMA started after the UNMAP completed may
+    // use the old page.
+    loop {
+        let (started, r) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the child neither translated nor noticed the disconnection");
+        if started > unmapped {
+            assert_ne!(
+                r,
+                old.to_string(),
+                "DMA after the UNMAP used the unmapped page"
+            );
+        }
+        if r == "disconnected" {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -266,7 +266,9 @@ fn no_stale_table_translation_under_concurrent_dma() {
     // starts in epoch e and uses an older page used a translation whose
     // INVALIDATE the guest had seen complete: a stale cache. It would
     // happen if the daemon completed INVALIDATE before the acks.
-    let d = Daemon::start(&[]);
+    // A generous ack deadline: on a loaded host a descheduled client
+    // must not be disconnected (control_plane.rs tests that path).
+    let d = Daemon::start(&["--client-timeout-ms", "5000"]);
     let mut g = Guest::connect(&d.socket, GuestOptions::default());
     let arena = TableArena::new(&g.mem, TABLES, TABLES_END);
     let t = X86Table::new(&arena, 4);

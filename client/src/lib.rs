@@ -19,7 +19,11 @@
 //! UNMAP or DETACH before this client has dropped the affected
 //! translations and acknowledged. `translate_with` holds the cache's read
 //! lock while its closure runs, so the acknowledgement also waits for DMA
-//! in progress on a translation being invalidated.
+//! in progress on a translation being invalidated. A client that does not
+//! acknowledge in time is disconnected and the guest's request completes;
+//! so the cache is used only while the client has read everything the
+//! daemon sent less than half that time ago (a lease the reader thread
+//! renews), never after the daemon may have given up on it.
 
 #![warn(missing_docs)]
 
@@ -45,6 +49,7 @@ use nix::{
     errno::Errno,
     poll::{poll, PollFd, PollFlags, PollTimeout},
     sys::socket::{sendmsg, ControlMessage, MsgFlags},
+    time::{clock_getres, clock_gettime, ClockId},
 };
 use viommu::wire::{VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
 pub use viommu::{
@@ -312,6 +317,56 @@ impl ReplySlot {
     }
 }
 
+/// How long the cache may be trusted after the reader last found the
+/// socket empty: less than half the daemon's acknowledgement deadline,
+/// minus the clock's granularity twice, so a hit is never served after
+/// the daemon could have disconnected this client for a late
+/// acknowledgement and let the guest's UNMAP complete.
+struct Lease {
+    clock: ClockId,
+    ttl_ns: u64,
+    /// When the reader last found nothing left to read.
+    caught_up: std::sync::atomic::AtomicU64,
+}
+
+impl Lease {
+    fn new(ack_timeout: Duration) -> Lease {
+        // The coarse clock costs a few nanoseconds; its granularity (a
+        // scheduler tick) must be small against the timeout.
+        let coarse = ClockId::CLOCK_MONOTONIC_COARSE;
+        let res = clock_getres(coarse)
+            .map(|r| Duration::from(r).as_nanos() as u64)
+            .unwrap_or(u64::MAX);
+        let half = ack_timeout.as_nanos() as u64 / 2;
+        let (clock, ttl_ns) = if res.saturating_mul(8) <= half {
+            (coarse, half - 2 * res)
+        } else {
+            (ClockId::CLOCK_MONOTONIC, half)
+        };
+        Lease {
+            clock,
+            ttl_ns,
+            caught_up: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        clock_gettime(self.clock)
+            .map(|t| Duration::from(t).as_nanos() as u64)
+            .unwrap_or(0)
+    }
+
+    fn valid(&self) -> bool {
+        let caught_up = self.caught_up.load(Ordering::Acquire);
+        caught_up != 0 && self.now().saturating_sub(caught_up) < self.ttl_ns
+    }
+
+    /// How often the idle reader renews the lease.
+    fn renew_every(&self) -> Duration {
+        Duration::from_nanos(self.ttl_ns / 2).max(Duration::from_millis(1))
+    }
+}
+
 struct Shared {
     writer: Mutex<UnixStream>,
     /// Whoever holds it reads from the socket: the background thread, or
@@ -323,6 +378,8 @@ struct Shared {
     /// Page requests waiting for their PAGE_RESPONSE, by TRANSLATE tag.
     tickets: Mutex<HashMap<u32, Arc<ReplySlot>>>,
     cache: Option<RwLock<Cache>>,
+    /// When the cache may be used (with the cache on).
+    lease: Lease,
     events: Mutex<Option<mpsc::Sender<Event>>>,
     closed: AtomicBool,
 }
@@ -406,6 +463,7 @@ impl Client {
             calls: Mutex::new(HashMap::new()),
             tickets: Mutex::new(HashMap::new()),
             cache: options.cache.then(|| RwLock::new(Cache::default())),
+            lease: Lease::new(Duration::from_millis(u64::from(welcome.ack_timeout_ms))),
             events: Mutex::new(tx),
             closed: AtomicBool::new(false),
         });
@@ -691,11 +749,30 @@ impl Client {
         let mut unstable = 0;
         let mut covered_before = None;
         loop {
-            let from = {
+            let looked = {
                 let c = cache.read().unwrap_or_else(|e| e.into_inner());
-                match cached_segments(&c, req, iova, len) {
-                    Ok(segs) => return Ok(Ok(dma(&segs))),
-                    Err(from) => from,
+                // Within the lease only: past it the daemon may have given
+                // up on this client and let the guest's UNMAP complete.
+                if self.shared.lease.valid() {
+                    match cached_segments(&c, req, iova, len) {
+                        // The DMA runs under the read lock: no invalidation
+                        // of these pages completes meanwhile.
+                        Ok(segs) => return Ok(Ok(dma(&segs))),
+                        Err(from) => Some(from),
+                    }
+                } else {
+                    None
+                }
+            };
+            let from = match looked {
+                Some(from) => from,
+                None => {
+                    // Read what the daemon sent, then look again.
+                    self.shared.catch_up();
+                    if self.shared.lease.valid() {
+                        continue;
+                    }
+                    iova
                 }
             };
             // Progress (a longer cached prefix) is not instability; an
@@ -925,11 +1002,18 @@ impl Request {
 /// wake-up on the translation path), and dispatches what nobody else read:
 /// invalidations, events, replies of callers that stopped spinning.
 fn background(shared: Arc<Shared>) {
+    // A caching client renews its lease even when nothing arrives.
+    let timeout = if shared.cache.is_some() {
+        let ms = shared.lease.renew_every().as_millis();
+        PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::NONE)
+    } else {
+        PollTimeout::NONE
+    };
     // Frames that came with the handshake are already buffered: drain
     // before waiting for the socket.
     while shared.drain(&mut lock(&shared.reader)) {
         let mut fds = [PollFd::new(shared.poll_fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => {
                 warn!("viommu control connection: poll: {e}");
@@ -946,6 +1030,9 @@ impl Shared {
     /// connection is gone.
     fn drain(&self, reader: &mut FrameReader) -> bool {
         loop {
+            // Taken before the read: everything sent before this instant
+            // is in the socket, so finding it empty renews the lease.
+            let before = self.lease.now();
             match reader.try_next() {
                 Ok(Polled::Message(m)) => {
                     if !self.dispatch(m) {
@@ -953,7 +1040,12 @@ impl Shared {
                         return false;
                     }
                 }
-                Ok(Polled::Empty) => return true,
+                Ok(Polled::Empty) => {
+                    if reader.buffered() == 0 && !self.closed.load(Ordering::Acquire) {
+                        self.lease.caught_up.fetch_max(before, Ordering::AcqRel);
+                    }
+                    return true;
+                }
                 Ok(Polled::Closed) => {
                     self.close();
                     return false;
@@ -967,6 +1059,13 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Reads what the daemon sent (renewing the lease), waiting for the
+    /// reader thread if it is reading.
+    fn catch_up(&self) {
+        let mut reader = lock(&self.reader);
+        self.drain(&mut reader);
     }
 
     /// Acts on one message from the daemon; false on BYE.

@@ -196,6 +196,11 @@ impl FrameReader {
         }
     }
 
+    /// Bytes of a frame received in part.
+    pub fn buffered(&self) -> usize {
+        self.buf.buffered()
+    }
+
     /// The next message if one has fully arrived, without blocking.
     pub fn try_next(&mut self) -> io::Result<Polled> {
         if let Some(m) = self.buf.next_message().map_err(invalid)? {

@@ -694,6 +694,12 @@ messages! {
         flags: u32,
         /// The client's ID.
         client_id: u64,
+        /// How long the daemon waits for an acknowledgement before it
+        /// disconnects the client and lets the guest's request complete
+        /// (`--client-timeout-ms`). A caching client trusts its cache
+        /// only while it has read everything the daemon sent within less
+        /// than this (docs/control-protocol.md, "Coherence").
+        ack_timeout_ms: u32 [pad 4],
     }
     /// TRANSLATION: the mappings that cover a translated range.
     0x82 => Translation {
@@ -912,6 +918,7 @@ mod tests {
                 version: 1,
                 flags: 0,
                 client_id: 9,
+                ack_timeout_ms: 100,
             }
             .into(),
             Translation {

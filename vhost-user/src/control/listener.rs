@@ -152,6 +152,8 @@ impl Server {
             version: PROTOCOL_VERSION,
             flags: granted,
             client_id: client.id,
+            ack_timeout_ms: u32::try_from(self.iommu.options().client_timeout.as_millis())
+                .unwrap_or(u32::MAX),
         });
         if client.caches() || client.subscribes() {
             // Under the model's read lock: no change is staged between

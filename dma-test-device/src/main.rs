@@ -73,6 +73,12 @@ fn parse_endpoint(s: &str) -> Result<u32, String> {
     v.map_err(|_| bad())
 }
 
+/// DMA_UNMAP flags meaning "every region": QEMU sends Linux's
+/// `VFIO_DMA_UNMAP_FLAG_ALL` (bit 1, address and size 0), which
+/// `vfio_user` 0.1.7 names `GET_DIRTY_PAGE_INFO`; its own `UNMAP_ALL` is
+/// bit 2. Dirty-page tracking is not offered, so both mean "all".
+const UNMAP_ALL: DmaUnmapFlags = DmaUnmapFlags::GET_DIRTY_PAGE_INFO.union(DmaUnmapFlags::UNMAP_ALL);
+
 struct Backend {
     device: Device,
     config: ConfigSpace,
@@ -143,7 +149,7 @@ impl ServerBackend for Backend {
     }
 
     fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
-        if flags.contains(DmaUnmapFlags::UNMAP_ALL) {
+        if flags.intersects(UNMAP_ALL) {
             self.device.ram().clear();
             return Ok(());
         }

@@ -16,6 +16,7 @@ use std::{
         mpsc, Arc, Condvar, Mutex, MutexGuard,
     },
     thread,
+    time::Duration,
 };
 
 use log::{error, info, warn};
@@ -24,8 +25,11 @@ use viommu_client::{Access, Client, Options, Segment};
 use crate::{
     engine::{self, DirectSpace, DmaSpace, Fault, FaultKind, IommuSpace},
     ram::{Ram, RamView},
-    regs::{Op, OpKind, Outcome, Registers, Status, WriteEffect, FAULT_REASON_TRANSLATION},
+    regs::{Op, OpKind, Outcome, Registers, Status, WriteEffect, FAULT_REASON_TRANSLATION, STATUS},
 };
+
+/// Longest a STATUS read waits for a running operation to end.
+pub const STATUS_WAIT: Duration = Duration::from_micros(500);
 
 /// How the device translates its DMA addresses.
 pub enum Translation {
@@ -164,9 +168,23 @@ impl Device {
         &self.shared.ram
     }
 
-    /// An MMIO read of BAR0.
+    /// An MMIO read of BAR0. A read of STATUS while an operation runs
+    /// waits up to `STATUS_WAIT` for it to end: the guest polls STATUS, and
+    /// each poll is a round trip through QEMU to this process, so a short
+    /// wait here spares both host CPUs the spinning (the worker, and the
+    /// daemon it may be waiting for, get to run) and the guest most polls.
     pub fn bar_read(&self, offset: u64, data: &mut [u8]) {
-        lock(&self.shared.regs).read(offset, data);
+        let mut regs = lock(&self.shared.regs);
+        let reads_status = offset <= STATUS && STATUS < offset.saturating_add(data.len() as u64);
+        if reads_status && regs.status() == Status::Busy {
+            regs = self
+                .shared
+                .finished
+                .wait_timeout_while(regs, STATUS_WAIT, |r| r.status() == Status::Busy)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        regs.read(offset, data);
     }
 
     /// An MMIO write of BAR0; a CMD write starts an operation.

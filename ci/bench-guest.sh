@@ -127,8 +127,8 @@ run() {
     line="$(tr -d '\r' <"$dir/console.log" | grep -m1 '^VDI-BENCH ' || true)"
     case "$line" in
         "VDI-BENCH pairs/s="*) echo "${line#VDI-BENCH pairs/s=}" ;;
-        "VDI-BENCH cycles/s="*) # "cycles/s=A ops/s=B" -> "A B"
-            sed 's/VDI-BENCH cycles\/s=\([0-9.]*\) ops\/s=\([0-9.]*\)/\1 \2/' <<<"$line" ;;
+        "VDI-BENCH cycles/s="*) # "cycles/s=A ops/s=B map_us=M dma_us=D unmap_us=U" -> "A B M D U"
+            sed 's/[a-z_/]*=//g; s/^VDI-BENCH //' <<<"$line" ;;
         "") echo "FAIL no result (QEMU status $rc, see $dir/console.log)" ;;
         *) echo "FAIL ${line#VDI-BENCH }" ;;
     esac
@@ -146,13 +146,13 @@ report() {
         rng="$(tr ' ' '\n' <<<"$4" | grep . | range)"
     fi
     printf '%-6s median   %-14s %s %s  (range %s; runs: %s)\n' "$1" "$2" "$med" "$3" "$rng" "${4:-none}"
-    echo "$med" >"$logdir/median-$2-${3%%/*}"
+    echo "$med" >"$logdir/median-$2-${3//\//_}"
 }
 
 # ratio LABEL A B UNIT: median of A / median of B.
 ratio() {
     local a b
-    a="$(cat "$logdir/median-$2-${4%%/*}")" b="$(cat "$logdir/median-$3-${4%%/*}")"
+    a="$(cat "$logdir/median-$2-${4//\//_}")" b="$(cat "$logdir/median-$3-${4//\//_}")"
     [[ $a == n/a || $b == n/a ]] && return 0
     printf '%-6s ratio    %-14s %s (%s)\n' "$1" "$2/$3" "$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", a / b }')" "$4"
 }
@@ -180,10 +180,14 @@ for i in $kernels; do
                     printf '%-6s round %d  %-14s %s pairs/s\n' "$label" "$r" "$c" "$v"
                     results[$c]+="$v "
                 else
-                    read -r cyc ops <<<"$v"
-                    printf '%-6s round %d  %-14s %s cycles/s  %s ops/s\n' "$label" "$r" "$c" "$cyc" "$ops"
+                    read -r cyc ops map dma unmap <<<"$v"
+                    printf '%-6s round %d  %-14s %s cycles/s  %s ops/s  (cycle: map %s us, DMA %s us, unmap %s us)\n' \
+                        "$label" "$r" "$c" "$cyc" "$ops" "$map" "$dma" "$unmap"
                     results[$c.cycles]+="$cyc "
                     results[$c.ops]+="$ops "
+                    results[$c.map]+="$map "
+                    results[$c.dma]+="$dma "
+                    results[$c.unmap]+="$unmap "
                 fi
             done
         done
@@ -194,6 +198,7 @@ for i in $kernels; do
             for c in "${configs[@]}"; do
                 report "$label" "$c" cycles/s "${results[$c.cycles]:-}"
                 report "$label" "$c" ops/s "${results[$c.ops]:-}"
+                for p in map dma unmap; do report "$label" "$c" "us/$p" "${results[$c.$p]:-}"; done
             done
             ratio "$label" dma-daemon dma-builtin cycles/s
             ratio "$label" dma-daemon dma-builtin ops/s

@@ -50,7 +50,8 @@ if [ -n "$BENCH" ]; then
     if vfio-dma --device "$DEV" --bench-cycles "$cycles" --bench-ops "$ops" >/tmp/bench.out 2>&1; then
         cat /tmp/bench.out
         echo "VDI-BENCH $(sed -n 's/^vfio-dma: BENCH .*\(cycles\/s=[0-9.]*\).*/\1/p' /tmp/bench.out)" \
-            "$(sed -n 's/^vfio-dma: BENCH .*\(ops\/s=[0-9.]*\).*/\1/p' /tmp/bench.out)"
+            "$(sed -n 's/^vfio-dma: BENCH .*\(ops\/s=[0-9.]*\).*/\1/p' /tmp/bench.out)" \
+            "$(sed -n 's/^vfio-dma: BENCH .*\( map_us=.*\)/\1/p' /tmp/bench.out)"
     else
         cat /tmp/warmup.out /tmp/bench.out
         echo "VDI-BENCH FAIL $(grep -m1 ERROR /tmp/bench.out /tmp/warmup.out)"

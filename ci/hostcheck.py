@@ -204,7 +204,14 @@ def check_dma_translate(a):
 
 
 def check_dma_faults(a):
-    faults = Ctl(a.bin, a.ctl)("stats")["faults"]
+    # The device reports faults from a thread of its own: give the last
+    # ones a moment to arrive.
+    ctl, deadline = Ctl(a.bin, a.ctl), time.monotonic() + 3
+    while True:
+        faults = ctl("stats")["faults"]
+        if faults["delivered"] >= a.expect or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     if faults["delivered"] != a.expect or faults["dropped"] or faults["pending"]:
         raise CheckFailed(f"faults {json.dumps(faults)}, expected exactly {a.expect} delivered")
     return f"the device reported {a.expect} translation faults, all delivered to the guest: {json.dumps(faults)}"

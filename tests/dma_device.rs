@@ -205,3 +205,24 @@ fn a_caching_device_never_uses_a_stale_translation() {
     let stats = d.ctl(&["stats"]);
     assert_eq!(stats["faults"]["dropped"], 0, "{stats}");
 }
+
+#[test]
+fn a_guest_that_never_takes_fault_events_cannot_stall_the_device() {
+    // No event buffers: the daemon holds each fault report until the
+    // guest posts one. The device must go on answering, faulting and
+    // resetting regardless.
+    let d = Daemon::start(&["--boot-bypass", "off", "--endpoints", "0x28"]);
+    let g = Guest::connect(&d.socket, GuestOptions::default());
+    let dev = device(&d, &g);
+    let t0 = std::time::Instant::now();
+    for i in 0..300 {
+        assert_eq!(
+            run(&dev, OP_FILL, 0, 0x1000 * i, 8, 0),
+            Status::Fault,
+            "op {i}"
+        );
+    }
+    dev.reset();
+    assert_eq!(dev.status(), Status::Idle);
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+}

@@ -23,7 +23,7 @@ use log::{error, info, warn};
 use viommu_client::{Access, Client, Options, Segment};
 
 use crate::{
-    engine::{self, DirectSpace, DmaSpace, Fault, FaultKind, IommuSpace},
+    engine::{self, DirectSpace, DmaSpace, Fault, FaultKind, FaultReporter, IommuSpace},
     ram::{Ram, RamView},
     regs::{Op, OpKind, Outcome, Registers, Status, WriteEffect, FAULT_REASON_TRANSLATION, STATUS},
 };
@@ -46,6 +46,7 @@ pub struct IommuLink {
     endpoint: u32,
     cache: bool,
     client: Mutex<Option<Arc<Client>>>,
+    reporter: FaultReporter,
 }
 
 impl IommuLink {
@@ -67,6 +68,7 @@ impl IommuLink {
             endpoint,
             cache,
             client: Mutex::new(Some(Arc::new(client))),
+            reporter: FaultReporter::new().map_err(viommu_client::Error::Io)?,
         })
     }
 
@@ -287,6 +289,7 @@ fn execute(shared: &Shared, op: &Op) -> Outcome {
                     client: &client,
                     endpoint: link.endpoint,
                     ram: &shared.ram,
+                    reporter: &link.reporter,
                 };
                 engine::run(&space, op, cancel)
             }
@@ -373,6 +376,7 @@ mod tests {
             endpoint: 0x28,
             cache: true,
             client: Mutex::new(None),
+            reporter: FaultReporter::new().unwrap(),
         };
         let d = Device::new(Translation::Iommu(link)).unwrap();
         d.ram()

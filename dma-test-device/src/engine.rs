@@ -20,7 +20,13 @@
 //! translated first, then only the source bytes that can be written are
 //! read, then they are written.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc,
+    },
+    thread,
+};
 
 use log::{debug, warn};
 use viommu_client::{Access, Client, Error as ClientError, Segment};
@@ -97,9 +103,60 @@ pub trait DmaSpace {
 /// DMA translated by the vhost-device-iommu daemon: device addresses are
 /// IOVAs of `endpoint`, `ram` is guest RAM at guest-physical addresses.
 pub struct IommuSpace<'a> {
-    pub client: &'a Client,
+    pub client: &'a Arc<Client>,
     pub endpoint: u32,
     pub ram: &'a Ram,
+    pub reporter: &'a FaultReporter,
+}
+
+/// Reports translation faults to the daemon from a thread of its own: the
+/// daemon answers a report only once the fault is queued for the guest,
+/// which waits for the guest's driver to post an event buffer, and a DMA
+/// engine (or a device reset) must never wait for the guest. Reports keep
+/// their order; past `FaultReporter::QUEUE` waiting ones, new ones are
+/// dropped and counted.
+pub struct FaultReporter {
+    queue: mpsc::SyncSender<(Arc<Client>, u32, Fault, u8)>,
+    pub dropped: AtomicU64,
+}
+
+impl FaultReporter {
+    pub const QUEUE: usize = 256;
+
+    pub fn new() -> std::io::Result<FaultReporter> {
+        let (tx, rx) = mpsc::sync_channel::<(Arc<Client>, u32, Fault, u8)>(Self::QUEUE);
+        thread::Builder::new()
+            .name("fault-reporter".into())
+            .spawn(move || {
+                for (client, endpoint, f, reason) in rx {
+                    if let Err(e) = client.report_fault(endpoint, f.address, Some(f.access), reason)
+                    {
+                        warn!(
+                            "could not report the fault at {:#x} to the daemon: {e}",
+                            f.address
+                        );
+                    }
+                }
+            })?;
+        Ok(FaultReporter {
+            queue: tx,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    fn report(&self, client: &Arc<Client>, endpoint: u32, fault: Fault, reason: u8) {
+        if self
+            .queue
+            .try_send((client.clone(), endpoint, fault, reason))
+            .is_err()
+        {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                "fault report queue full: the fault at {:#x} is not reported",
+                fault.address
+            );
+        }
+    }
 }
 
 impl DmaSpace for IommuSpace<'_> {
@@ -144,17 +201,9 @@ impl DmaSpace for IommuSpace<'_> {
     }
 
     fn report(&self, fault: &Fault) {
-        let FaultKind::Translation { reason } = fault.kind else {
-            return;
-        };
-        if let Err(e) =
-            self.client
-                .report_fault(self.endpoint, fault.address, Some(fault.access), reason)
-        {
-            warn!(
-                "could not report the fault at {:#x} to the daemon: {e}",
-                fault.address
-            );
+        if let FaultKind::Translation { reason } = fault.kind {
+            self.reporter
+                .report(self.client, self.endpoint, *fault, reason);
         }
     }
 }

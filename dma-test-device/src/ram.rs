@@ -20,6 +20,10 @@ use std::{
 use log::debug;
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
 
+/// Most regions at once (QEMU's built-in virtio-iommu sends one per guest
+/// mapping; VFIO type1 allows a guest 65535 mappings per container).
+pub const MAX_REGIONS: usize = 1 << 20;
+
 /// One DMA_MAP region.
 struct Region {
     start: u64,
@@ -59,6 +63,8 @@ pub enum MapError {
     },
     #[error("region too large for this host ({0:#x} bytes)")]
     TooLarge(u64),
+    #[error("more than {MAX_REGIONS} regions")]
+    TooMany,
     #[error("DMA_MAP file: {0}")]
     File(io::Error),
     #[error("file offset {offset:#x} + size {size:#x} is beyond the file's {file_len:#x} bytes")]
@@ -139,7 +145,17 @@ impl Ram {
             }
         };
         let mut regions = self.regions.write().unwrap_or_else(lock_err);
-        if let Some(o) = regions.iter().find(|r| r.start <= end && address <= r.end) {
+        if regions.len() >= MAX_REGIONS {
+            return Err(MapError::TooMany);
+        }
+        // Regions are sorted and disjoint: only the neighbours can overlap.
+        let at = regions.partition_point(|r| r.start < address);
+        let before = at.checked_sub(1).map(|i| &regions[i]);
+        if let Some(o) = [before, regions.get(at)]
+            .into_iter()
+            .flatten()
+            .find(|r| r.start <= end && address <= r.end)
+        {
             return Err(MapError::Overlap {
                 start: address,
                 end,
@@ -147,7 +163,6 @@ impl Ram {
                 other_end: o.end,
             });
         }
-        let at = regions.partition_point(|r| r.start < address);
         regions.insert(
             at,
             Region {

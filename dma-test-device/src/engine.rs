@@ -18,11 +18,13 @@
 //! Bytes before it were transferred (`done_bytes`); nothing at or after it
 //! is read or written. For COPY the destination range of a chunk is
 //! translated first, then only the source bytes that can be written are
-//! read, then they are written.
+//! read, then they are written. A translation fault is reported to the
+//! guest through the daemon (`FaultReporter`), without the engine waiting
+//! for the guest to take it.
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         mpsc, Arc,
     },
     thread,
@@ -114,10 +116,9 @@ pub struct IommuSpace<'a> {
 /// which waits for the guest's driver to post an event buffer, and a DMA
 /// engine (or a device reset) must never wait for the guest. Reports keep
 /// their order; past `FaultReporter::QUEUE` waiting ones, new ones are
-/// dropped and counted.
+/// dropped with a warning.
 pub struct FaultReporter {
     queue: mpsc::SyncSender<(Arc<Client>, u32, Fault, u8)>,
-    pub dropped: AtomicU64,
 }
 
 impl FaultReporter {
@@ -138,10 +139,7 @@ impl FaultReporter {
                     }
                 }
             })?;
-        Ok(FaultReporter {
-            queue: tx,
-            dropped: AtomicU64::new(0),
-        })
+        Ok(FaultReporter { queue: tx })
     }
 
     fn report(&self, client: &Arc<Client>, endpoint: u32, fault: Fault, reason: u8) {
@@ -150,7 +148,6 @@ impl FaultReporter {
             .try_send((client.clone(), endpoint, fault, reason))
             .is_err()
         {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
             warn!(
                 "fault report queue full: the fault at {:#x} is not reported",
                 fault.address
@@ -172,30 +169,26 @@ impl DmaSpace for IommuSpace<'_> {
             .translate_with(self.endpoint, addr, len, access, |segs| {
                 f(segs, &self.ram.view())
             });
-        r.map_err(|e| {
-            let kind = match e {
-                ClientError::Fault(info) => {
-                    return Fault {
-                        address: info.address,
-                        access,
-                        kind: FaultKind::Translation {
-                            reason: info.reason,
-                        },
-                    }
-                }
-                ClientError::NoSuchEndpoint(_) => FaultKind::Translation {
-                    reason: VIRTIO_FAULT_R_MAPPING,
-                },
-                _ => FaultKind::Unavailable,
-            };
-            warn!(
-                "translation of {addr:#x}+{len:#x} for endpoint {}: {e}; access refused",
-                self.endpoint
-            );
-            Fault {
-                address: addr,
+        r.map_err(|e| match e {
+            ClientError::Fault(info) => Fault {
+                address: info.address,
                 access,
-                kind,
+                kind: FaultKind::Translation {
+                    reason: info.reason,
+                },
+            },
+            // The daemon does not know this endpoint (check --endpoint
+            // against its --endpoints), is gone, or misbehaves: refuse.
+            e => {
+                warn!(
+                    "translation of {addr:#x}+{len:#x} for endpoint {}: {e}; access refused",
+                    self.endpoint
+                );
+                Fault {
+                    address: addr,
+                    access,
+                    kind: FaultKind::Unavailable,
+                }
             }
         })
     }

@@ -28,7 +28,9 @@
 #        VDI_BENCH_SMP      guest vCPUs (default 1: under TCG a second vCPU thread
 #                           plus the daemon oversubscribe a 2-CPU host)
 #        VDI_BENCH_POLL_US  --poll-us of daemon-poll (default 50, the daemon's default)
-#        VDI_QEMU_CPUS, VDI_DAEMON_CPUS  pin QEMU / the daemon (taskset -c lists)
+#        VDI_QEMU_CPUS, VDI_DAEMON_CPUS  pin QEMU / the daemon and dma-test-device
+#                           (taskset -c lists)
+#        VDI_VCPU_CPUS      pin only QEMU's vCPU threads (found through QMP)
 #        VDI_BENCH_TIMEOUT  hard timeout per boot in seconds (default 300)
 #        VDI_BENCH_LOGDIR   log directory (default: new dir under ${TMPDIR:-/tmp})
 #        plus the knobs of ci/provision.sh (VDI_ACCEL, VDI_CACHE, ...)
@@ -66,7 +68,8 @@ echo "bench-guest: QEMU $VDI_QEMU_VERSION ($VDI_ACCEL), $(nproc) host CPUs, gues
     "$pairs pairs per run after $warmup warm-up pairs, $rounds rounds, daemon-poll = --poll-us $poll_us;" \
     "DMA: $dma_bench cycles,ops per run;" \
     "logs in $logdir"
-echo "bench-guest: load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "bench-guest: load average before: $(cut -d' ' -f1-3 /proc/loadavg);" \
+    "pinning: QEMU ${VDI_QEMU_CPUS:-any}, vCPUs ${VDI_VCPU_CPUS:-any}, daemon and device ${VDI_DAEMON_CPUS:-any}"
 
 # run KERNEL_INDEX CONFIG ROUND: one boot; prints pairs/s or "FAIL ...".
 run() {
@@ -118,8 +121,16 @@ run() {
             ;;
     esac
     [[ $config == dma-* ]] || args+=(-device "edu,addr=04.0")
+    [[ -n "${VDI_VCPU_CPUS:-}" ]] && args+=(-qmp "unix:$dir/qmp.sock,server=on,wait=off")
     local rc=0
     vdi_qemu_start "$timeout_s" "$dir/console.log" "$dir" "${args[@]}"
+    if [[ -n "${VDI_VCPU_CPUS:-}" ]] && ! vdi_qemu_pin_vcpus "$VDI_VCPU_CPUS" "$dir/qmp.sock" 2>"$dir/pin.err"; then
+        echo "FAIL could not pin the vCPU threads: $(cat "$dir/pin.err")"
+        vdi_qemu_kill
+        vdi_dma_device_stop >/dev/null 2>&1 || true
+        vdi_daemon_stop >/dev/null 2>&1 || true
+        return 0
+    fi
     vdi_qemu_wait || rc=$?
     vdi_dma_device_stop >/dev/null 2>&1 || true
     vdi_daemon_stop >/dev/null 2>&1 || true

@@ -41,8 +41,11 @@
 #                                    timed out)
 #   vdi_qemu_kill                    ends QEMU (the timeout wrapper) if running
 #   vdi_send_guest LINE              writes LINE to the guest's /dev/ttyS1
+#   vdi_qemu_pin_vcpus CPUS QMP_SOCK pins QEMU's vCPU threads (found with QMP
+#                                    query-cpus-fast) to CPUS (taskset -c)
 # Knobs: VDI_DAEMON_CPUS / VDI_QEMU_CPUS: CPU lists (taskset -c) for the
-# daemon / QEMU (default: unpinned); VDI_RUST_LOG: the daemon's RUST_LOG.
+# daemon and dma-test-device / QEMU (default: unpinned); VDI_RUST_LOG: the
+# daemon's RUST_LOG.
 
 VDI_LIB_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VDI_DAEMON_PID=""
@@ -190,4 +193,34 @@ vdi_qemu_kill() {
 vdi_send_guest() {
     [[ -n "$VDI_HOSTLINE_FD" ]] || return 1
     printf '%s\n' "$1" >&"$VDI_HOSTLINE_FD"
+}
+
+vdi_qemu_pin_vcpus() {
+    local cpus="$1" qmp="$2" tid
+    for tid in $(python3 - "$qmp" <<'PY'
+import json, socket, sys, time
+deadline = time.monotonic() + 10
+while True:
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[1])
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("no QMP socket " + sys.argv[1])
+        time.sleep(0.05)
+f = s.makefile("rw")
+f.readline()
+for cmd in ("qmp_capabilities", "query-cpus-fast"):
+    f.write(json.dumps({"execute": cmd}) + "\n")
+    f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r or "error" in r:
+            break
+print(" ".join(str(c["thread-id"]) for c in r.get("return", [])))
+PY
+    ); do
+        taskset -pc "$cpus" "$tid" >/dev/null
+    done
 }

@@ -15,7 +15,10 @@
 # (the device's viommu-client cache), alternating (c, d, c, ...); each boot
 # runs ci/guest/dma-test.sh in bench mode: vfio-dma --bench-cycles C (VFIO
 # map + 4 KiB FILL + unmap per cycle) and --bench-ops O (4 KiB FILLs on one
-# long-lived mapping).  Prints cycles/s and ops/s, medians and ratios.
+# long-lived mapping), and the mean time of the cycle's map, DMA and unmap.
+# Prints cycles/s and ops/s, medians, ranges and ratios.  The DMA figures
+# depend on thread placement: docs/benchmarks.md uses
+# VDI_QEMU_CPUS=0 VDI_DAEMON_CPUS=1.
 # Exits non-zero if a run failed.
 #
 # Usage: bash ci/bench-guest.sh

@@ -369,6 +369,57 @@ mod tests {
     }
 
     #[test]
+    fn random_register_traffic_never_panics_or_wedges_the_device() {
+        let d = Device::new(Translation::Direct).unwrap();
+        d.ram()
+            .map(0x10000, 0x10000, Some((file(0x10000), 0)), true, true)
+            .unwrap();
+        d.ram().map(0x30000, 0x1000, None, true, true).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut seen = [0usize; 5];
+        for _ in 0..20_000 {
+            let r = next();
+            let len = [1, 2, 4, 8][(r & 3) as usize];
+            // Mostly register offsets, sometimes anywhere in the BAR.
+            let off = if r & 0x30 == 0 {
+                r >> 8 & 0xfff
+            } else {
+                ((r >> 8) % 0x60) & !3
+            };
+            let off = off.min(BAR0_SIZE - len as u64);
+            let value = match next() % 4 {
+                0 => next() % 0x40000,     // addresses near the RAM
+                1 => next() % 0x20000 + 1, // lengths
+                2 => next() % 5,           // opcodes
+                _ => next(),
+            };
+            match r >> 40 & 7 {
+                0 => d.bar_write(CMD, &((value % 5) as u32).to_le_bytes()),
+                1 | 2 => d.bar_write(off, &value.to_le_bytes()[..len]),
+                _ => d.bar_read(off, &mut [0u8; 8][..len]),
+            }
+            let status = d.wait_idle();
+            seen[status as usize] += 1;
+            let info = r64(&d, FAULT_INFO) & 0xff;
+            if status == Status::Fault {
+                assert!(info == 1 || info == 3, "fault reason {info}");
+            }
+        }
+        // The traffic did reach the engine, both ways.
+        assert!(seen[Status::Done as usize] > 100, "{seen:?}");
+        assert!(seen[Status::Fault as usize] > 100, "{seen:?}");
+        assert!(seen[Status::Error as usize] > 100, "{seen:?}");
+        d.reset();
+        assert_eq!(d.status(), Status::Idle);
+    }
+
+    #[test]
     fn without_a_daemon_dma_is_refused_not_done() {
         // A link whose daemon is gone: every operation faults at once.
         let link = IommuLink {

@@ -175,6 +175,8 @@ impl Device {
     /// each poll is a round trip through QEMU to this process, so a short
     /// wait here spares both host CPUs the spinning (the worker, and the
     /// daemon it may be waiting for, get to run) and the guest most polls.
+    /// The wait is bounded because QEMU waits for the reply with its vCPU
+    /// (and its big lock) stopped.
     pub fn bar_read(&self, offset: u64, data: &mut [u8]) {
         let mut regs = lock(&self.shared.regs);
         let reads_status = offset <= STATUS && STATUS < offset.saturating_add(data.len() as u64);

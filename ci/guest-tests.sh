@@ -24,7 +24,9 @@
 #               map/DMA/unmap/DMA-faults loop with the device's cache on;
 #   dma-builtin the same device and guest checks behind QEMU's built-in
 #               virtio-iommu-pci (no daemon; the device uses QEMU's DMA_MAP
-#               messages), the baseline;
+#               messages), the baseline; except fault-events: QEMU's
+#               virtio-iommu offers a device process no way to report a
+#               fault, so the guest sees none;
 # and, every boot, the daemon's health (no ERROR line, same PID, clean exit)
 # and the DMA device's (exit status 0 once QEMU is gone, no WARN/ERROR).
 # The host judges the daemon's state through `vhost-device-iommu ctl`

@@ -40,7 +40,9 @@ struct Args {
     #[arg(long, value_name = "ID", value_parser = parse_endpoint, requires = "control_socket")]
     endpoint: Option<u32>,
 
-    /// Do not cache translations (every DMA chunk asks the daemon)
+    /// Do not cache translations: every DMA chunk asks the daemon, and
+    /// the guest's UNMAP no longer waits for DMA in flight (for
+    /// measurements, not for guests to rely on)
     #[arg(long)]
     no_cache: bool,
 

@@ -1,19 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The client-side IOTLB: translations the daemon returned, kept per
-//! endpoint until the daemon invalidates them.
+//! address space (endpoint, PASID, privilege) until the daemon
+//! invalidates them.
 //!
 //! A direct-mapped table answers repeated lookups of the same pages with
-//! one probe; behind it, each endpoint's extents sit in an interval map.
-//! Only the reader thread writes (inserting replies and applying
+//! one probe; behind it, each address space's extents sit in an interval
+//! map. Only the reader thread writes (inserting replies and applying
 //! invalidations, in the order the daemon sent them).
 
 use std::collections::{BTreeMap, HashMap};
 
-use viommu::{
-    control::{Extent, Scope},
-    wire::{VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE},
-    Access,
-};
+use viommu::Invalidation;
+use viommu_protocol::Extent;
 
 /// Slots of the direct-mapped table (a power of two).
 const TLB_SLOTS: usize = 1024;
@@ -21,16 +19,40 @@ const TLB_SLOTS: usize = 1024;
 const MAX_EXTENTS: usize = 1 << 16;
 const PAGE_SHIFT: u32 = 12;
 
+/// An address space of a device: DMA of `endpoint` with `pasid` (0:
+/// without PASID) in user or privileged mode (table translations only;
+/// IOVA translations are always unprivileged).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct Space {
+    /// The endpoint.
+    pub endpoint: u32,
+    /// The PASID; 0 for DMA without PASID.
+    pub pasid: u32,
+    /// Privileged (supervisor) accesses.
+    pub privileged: bool,
+}
+
+impl Space {
+    /// DMA of `endpoint` without PASID.
+    pub fn iova(endpoint: u32) -> Space {
+        Space {
+            endpoint,
+            pasid: 0,
+            privileged: false,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Slot {
-    endpoint: u32,
+    space: Space,
     ext: Extent,
 }
 
 /// Cached translations.
 pub struct Cache {
     tlb: Vec<Option<Slot>>,
-    endpoints: HashMap<u32, BTreeMap<u64, Extent>>,
+    spaces: HashMap<Space, BTreeMap<u64, Extent>>,
     extents: usize,
 }
 
@@ -38,23 +60,18 @@ impl Default for Cache {
     fn default() -> Self {
         Cache {
             tlb: vec![None; TLB_SLOTS],
-            endpoints: HashMap::new(),
+            spaces: HashMap::new(),
             extents: 0,
         }
     }
 }
 
-fn slot_of(endpoint: u32, iova: u64) -> usize {
-    let key = (iova >> PAGE_SHIFT) ^ (u64::from(endpoint) << 40);
+fn slot_of(space: Space, iova: u64) -> usize {
+    let key = (iova >> PAGE_SHIFT)
+        ^ (u64::from(space.endpoint) << 40)
+        ^ (u64::from(space.pasid) << 20)
+        ^ u64::from(space.privileged);
     (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize & (TLB_SLOTS - 1)
-}
-
-fn allows(ext: &Extent, access: Access) -> bool {
-    let need = match access {
-        Access::Read => VIRTIO_IOMMU_MAP_F_READ,
-        Access::Write => VIRTIO_IOMMU_MAP_F_WRITE,
-    };
-    ext.flags & need != 0
 }
 
 fn overlaps(ext: &Extent, start: u64, end: u64) -> bool {
@@ -62,24 +79,25 @@ fn overlaps(ext: &Extent, start: u64, end: u64) -> bool {
 }
 
 impl Cache {
-    /// The cached extent covering `iova`, if it allows `access`.
+    /// The cached extent covering `iova` in `space`, if its flags include
+    /// every bit of `need` (`VIRTIO_IOMMU_MAP_F_*`, `EXTENT_F_EXEC`).
     #[inline]
-    pub fn lookup(&self, endpoint: u32, iova: u64, access: Access) -> Option<Extent> {
-        if let Some(Some(s)) = self.tlb.get(slot_of(endpoint, iova)) {
-            if s.endpoint == endpoint && s.ext.iova_start <= iova && iova <= s.ext.iova_end {
-                return allows(&s.ext, access).then_some(s.ext);
+    pub fn lookup(&self, space: Space, iova: u64, need: u32) -> Option<Extent> {
+        if let Some(Some(s)) = self.tlb.get(slot_of(space, iova)) {
+            if s.space == space && s.ext.iova_start <= iova && iova <= s.ext.iova_end {
+                return (s.ext.flags & need == need).then_some(s.ext);
             }
         }
-        let (_, ext) = self.endpoints.get(&endpoint)?.range(..=iova).next_back()?;
-        (iova <= ext.iova_end && allows(ext, access)).then_some(*ext)
+        let (_, ext) = self.spaces.get(&space)?.range(..=iova).next_back()?;
+        (iova <= ext.iova_end && ext.flags & need == need).then_some(*ext)
     }
 
-    /// Records the extents of a translation of `endpoint` at `iova`.
-    pub fn insert(&mut self, endpoint: u32, iova: u64, extents: &[Extent]) {
+    /// Records the extents of a translation in `space` asked at `iova`.
+    pub fn insert(&mut self, space: Space, iova: u64, extents: &[Extent]) {
         if self.extents + extents.len() > MAX_EXTENTS {
             self.clear();
         }
-        let map = self.endpoints.entry(endpoint).or_default();
+        let map = self.spaces.entry(space).or_default();
         for ext in extents {
             // A stale overlapping extent cannot exist (it would have been
             // invalidated), but an identical one can: replace it.
@@ -88,44 +106,57 @@ impl Cache {
             }
         }
         if let Some(first) = extents.first() {
-            self.tlb[slot_of(endpoint, iova)] = Some(Slot {
-                endpoint,
-                ext: *first,
-            });
+            self.tlb[slot_of(space, iova)] = Some(Slot { space, ext: *first });
         }
     }
 
     /// Drops what `scope` makes stale.
-    pub fn invalidate(&mut self, scope: Scope) {
+    pub fn invalidate(&mut self, scope: Invalidation) {
         match scope {
-            Scope::All => self.clear(),
-            Scope::Endpoint(ep) => {
-                if let Some(map) = self.endpoints.remove(&ep) {
-                    self.extents -= map.len();
-                }
-                for s in self.tlb.iter_mut() {
-                    if s.is_some_and(|s| s.endpoint == ep) {
-                        *s = None;
-                    }
-                }
+            Invalidation::All => self.clear(),
+            Invalidation::Endpoint(ep) => self.retain(|s, _| s.endpoint != ep),
+            Invalidation::Binding { endpoint, pasid } => {
+                self.retain(|s, _| (s.endpoint, s.pasid) != (endpoint, pasid))
             }
-            Scope::DomainRange { domain, start, end } => {
-                for map in self.endpoints.values_mut() {
-                    let before = map.len();
-                    map.retain(|_, e| !(e.domain == domain && overlaps(e, start, end)));
-                    self.extents -= before - map.len();
-                }
-                for s in self.tlb.iter_mut() {
-                    if s.is_some_and(|s| s.ext.domain == domain && overlaps(&s.ext, start, end)) {
-                        *s = None;
-                    }
-                }
+            Invalidation::DomainRange { domain, start, end } => {
+                self.retain(|_, e| !(e.domain == domain && overlaps(e, start, end)))
+            }
+            Invalidation::Domain(d) => self.retain(|_, e| e.domain != d),
+            Invalidation::TablePasid { domain, pasid } => {
+                self.retain(|s, e| !(s.pasid == pasid && e.domain == domain))
+            }
+            Invalidation::TableRange {
+                domain,
+                pasid,
+                start,
+                end,
+            } => self.retain(|s, e| {
+                !(pasid.is_none_or(|p| p == s.pasid)
+                    && e.domain == domain
+                    && overlaps(e, start, end))
+            }),
+        }
+    }
+
+    /// Keeps the extents for which `keep` holds, in both tables.
+    fn retain(&mut self, mut keep: impl FnMut(&Space, &Extent) -> bool) {
+        let extents = &mut self.extents;
+        self.spaces.retain(|space, map| {
+            let before = map.len();
+            map.retain(|_, e| keep(space, e));
+            *extents -= before - map.len();
+            !map.is_empty()
+        });
+        for slot in self.tlb.iter_mut() {
+            if slot.is_some_and(|s| !keep(&s.space, &s.ext)) {
+                *slot = None;
             }
         }
     }
 
+    /// Drops everything.
     pub fn clear(&mut self) {
-        self.endpoints.clear();
+        self.spaces.clear();
         self.tlb.iter_mut().for_each(|s| *s = None);
         self.extents = 0;
     }
@@ -135,6 +166,7 @@ impl Cache {
         self.extents
     }
 
+    /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.extents == 0
     }
@@ -142,7 +174,12 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
+    use viommu::wire::{VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
+
     use super::*;
+
+    const R: u32 = VIRTIO_IOMMU_MAP_F_READ;
+    const W: u32 = VIRTIO_IOMMU_MAP_F_WRITE;
 
     fn ext(start: u64, end: u64, gpa: u64, domain: u32) -> Extent {
         Extent {
@@ -150,25 +187,33 @@ mod tests {
             iova_end: end,
             gpa_start: gpa,
             domain,
-            flags: 3,
+            flags: R | W,
+        }
+    }
+
+    fn pasid(endpoint: u32, pasid: u32) -> Space {
+        Space {
+            endpoint,
+            pasid,
+            privileged: false,
         }
     }
 
     #[test]
     fn unmap_of_a_domain_range_drops_exactly_the_overlapping_extents() {
         let mut c = Cache::default();
-        c.insert(8, 0x1000, &[ext(0x1000, 0x1fff, 0x9000, 1)]);
-        c.insert(8, 0x5000, &[ext(0x5000, 0x5fff, 0xa000, 1)]);
-        c.insert(9, 0x1000, &[ext(0x1000, 0x1fff, 0xb000, 2)]);
-        c.invalidate(Scope::DomainRange {
+        c.insert(Space::iova(8), 0x1000, &[ext(0x1000, 0x1fff, 0x9000, 1)]);
+        c.insert(Space::iova(8), 0x5000, &[ext(0x5000, 0x5fff, 0xa000, 1)]);
+        c.insert(Space::iova(9), 0x1000, &[ext(0x1000, 0x1fff, 0xb000, 2)]);
+        c.invalidate(Invalidation::DomainRange {
             domain: 1,
             start: 0x1800,
             end: 0x2fff,
         });
-        assert!(c.lookup(8, 0x1000, Access::Read).is_none());
-        assert!(c.lookup(8, 0x5000, Access::Read).is_some());
+        assert!(c.lookup(Space::iova(8), 0x1000, R).is_none());
+        assert!(c.lookup(Space::iova(8), 0x5000, R).is_some());
         assert!(
-            c.lookup(9, 0x1000, Access::Read).is_some(),
+            c.lookup(Space::iova(9), 0x1000, R).is_some(),
             "other domain dropped"
         );
         assert_eq!(c.len(), 2);
@@ -177,10 +222,10 @@ mod tests {
     #[test]
     fn endpoint_invalidation_drops_its_direct_mapped_slots_too() {
         let mut c = Cache::default();
-        c.insert(8, 0x1000, &[ext(0, u64::MAX, 0, u32::MAX)]);
-        assert!(c.lookup(8, 0x1000, Access::Write).is_some());
-        c.invalidate(Scope::Endpoint(8));
-        assert!(c.lookup(8, 0x1000, Access::Write).is_none());
+        c.insert(Space::iova(8), 0x1000, &[ext(0, u64::MAX, 0, u32::MAX)]);
+        assert!(c.lookup(Space::iova(8), 0x1000, W).is_some());
+        c.invalidate(Invalidation::Endpoint(8));
+        assert!(c.lookup(Space::iova(8), 0x1000, W).is_none());
         assert!(c.is_empty());
     }
 
@@ -188,9 +233,42 @@ mod tests {
     fn lookup_honours_permissions() {
         let mut c = Cache::default();
         let mut e = ext(0x1000, 0x1fff, 0, 1);
-        e.flags = VIRTIO_IOMMU_MAP_F_READ;
-        c.insert(8, 0x1000, &[e]);
-        assert!(c.lookup(8, 0x1000, Access::Read).is_some());
-        assert!(c.lookup(8, 0x1000, Access::Write).is_none());
+        e.flags = R;
+        c.insert(Space::iova(8), 0x1000, &[e]);
+        assert!(c.lookup(Space::iova(8), 0x1000, R).is_some());
+        assert!(c.lookup(Space::iova(8), 0x1000, W).is_none());
+    }
+
+    #[test]
+    fn table_scopes_drop_their_pasid_and_range_only() {
+        let mut c = Cache::default();
+        c.insert(pasid(8, 1), 0x1000, &[ext(0x1000, 0x1fff, 0x9000, 100)]);
+        c.insert(pasid(8, 1), 0x7000, &[ext(0x7000, 0x7fff, 0x9000, 100)]);
+        c.insert(pasid(8, 2), 0x1000, &[ext(0x1000, 0x1fff, 0xa000, 100)]);
+        c.insert(pasid(9, 1), 0x1000, &[ext(0x1000, 0x1fff, 0xb000, 100)]);
+        c.insert(Space::iova(8), 0x1000, &[ext(0x1000, 0x1fff, 0xc000, 5)]);
+        c.invalidate(Invalidation::TableRange {
+            domain: 100,
+            pasid: Some(1),
+            start: 0x1000,
+            end: 0x1fff,
+        });
+        assert!(c.lookup(pasid(8, 1), 0x1000, R).is_none());
+        assert!(c.lookup(pasid(9, 1), 0x1000, R).is_none());
+        assert!(c.lookup(pasid(8, 1), 0x7000, R).is_some());
+        assert!(c.lookup(pasid(8, 2), 0x1000, R).is_some());
+        c.invalidate(Invalidation::Binding {
+            endpoint: 8,
+            pasid: 2,
+        });
+        assert!(c.lookup(pasid(8, 2), 0x1000, R).is_none());
+        c.invalidate(Invalidation::TablePasid {
+            domain: 100,
+            pasid: 1,
+        });
+        assert!(c.lookup(pasid(8, 1), 0x7000, R).is_none());
+        assert!(c.lookup(Space::iova(8), 0x1000, R).is_some());
+        c.invalidate(Invalidation::Domain(5));
+        assert!(c.is_empty());
     }
 }

@@ -15,8 +15,9 @@
 //! lock while its closure runs, so the acknowledgement also waits for DMA
 //! in progress on a translation being invalidated.
 
+#![warn(missing_docs)]
+
 pub mod cache;
-pub mod frame;
 
 use std::{
     collections::HashMap,
@@ -32,18 +33,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cache::Cache;
-use frame::{FrameReader, Polled};
+use cache::{Cache, Space};
 use log::warn;
 use nix::{
     errno::Errno,
     poll::{poll, PollFd, PollFlags, PollTimeout},
 };
-use serde_json::Value;
-use viommu::control::*;
-pub use viommu::{
-    control::{EventKind, Extent, FaultInfo, Scope},
-    Access,
+use viommu::wire::{VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
+pub use viommu::{pgtable::PageAccess, Access, Invalidation, StateChange};
+use viommu_protocol::{
+    handshake, messages as msg, query, ConnError, FrameReader, Message, Polled, EXTENT_F_EXEC,
+    HELLO_F_CACHE, HELLO_F_SUBSCRIBE, HELLO_F_SYNC, RESULT_NO_SUCH_ENDPOINT, RESULT_OK,
+    TRANSLATE_F_EXEC, TRANSLATE_F_PRIV, TRANSLATE_F_REPORT_FAULT, TRANSLATE_F_WRITE,
+};
+pub use viommu_protocol::{
+    query::Query, Extent, FaultInfo, FAULT_F_EXEC, FAULT_F_PASID, FAULT_F_PRIV, FAULT_F_READ,
+    FAULT_F_RECOVERABLE, FAULT_F_WRITE,
 };
 
 /// How many times a translation is fetched again when an invalidation
@@ -57,20 +62,36 @@ const REPLY_SPIN: Duration = Duration::from_micros(50);
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("control socket: {0}")]
+    /// Reading or writing the control socket failed.
+    #[error("control socket")]
     Io(#[from] io::Error),
-    #[error("the daemon refused the connection: {0}")]
-    Refused(String),
+    /// Connecting or the handshake failed.
+    #[error("cannot set up the control connection")]
+    Connect(#[from] ConnError),
+    /// The daemon sent something this client does not expect.
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(&'static str),
+    /// The connection is gone.
     #[error("disconnected from the daemon")]
     Disconnected,
+    /// The endpoint is not behind the IOMMU.
     #[error("endpoint {0} does not exist")]
     NoSuchEndpoint(u32),
+    /// The access faults (the IOMMU forbids it).
     #[error("translation fault at {:#x} (endpoint {}, reason {})", .0.address, .0.endpoint, .0.reason)]
     Fault(FaultInfo),
+    /// The daemon refused the request.
     #[error("daemon error {status}: {message}")]
-    Daemon { status: u32, message: String },
+    Daemon {
+        /// `RESULT_*` status.
+        status: u32,
+        /// Why.
+        message: String,
+    },
+    /// A query failed.
+    #[error(transparent)]
+    Query(#[from] query::QueryError),
+    /// The translation kept being invalidated before it could be used.
     #[error("translation invalidated {MAX_REFETCH} times in a row")]
     Unstable,
 }
@@ -78,8 +99,11 @@ pub enum Error {
 /// One guest-physical piece of a translated IOVA range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
+    /// First IOVA of the piece.
     pub iova: u64,
+    /// Its guest-physical address.
     pub gpa: u64,
+    /// Bytes.
     pub len: u64,
 }
 
@@ -98,6 +122,7 @@ pub enum Subscription {
 pub struct Options {
     /// Cache translations (and take part in invalidations).
     pub cache: bool,
+    /// Follow the IOMMU state.
     pub subscribe: Option<Subscription>,
 }
 
@@ -105,11 +130,16 @@ pub struct Options {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// Part of the state at subscription time.
-    Replayed(EventKind),
+    Replayed(StateChange),
     /// The replay is complete; live events follow.
     ReplayDone,
     /// A change; with `Subscription::Sync`, `ack(seq)` it once applied.
-    Live { seq: u64, kind: EventKind },
+    Live {
+        /// Sequence number to acknowledge.
+        seq: u64,
+        /// The change.
+        change: StateChange,
+    },
 }
 
 enum Reply {
@@ -120,7 +150,7 @@ enum Reply {
 }
 
 struct Call {
-    endpoint: u32,
+    space: Space,
     iova: u64,
     slot: Arc<ReplySlot>,
 }
@@ -195,7 +225,11 @@ pub struct Client {
 impl Client {
     /// Connects and performs the version handshake.
     pub fn connect(path: impl AsRef<Path>, options: Options) -> Result<Client, Error> {
-        let stream = UnixStream::connect(path)?;
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|source| ConnError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         let mut flags = 0;
         if options.cache {
             flags |= HELLO_F_CACHE;
@@ -205,39 +239,13 @@ impl Client {
             Some(Subscription::Sync) => flags |= HELLO_F_SUBSCRIBE | HELLO_F_SYNC,
             None => {}
         }
-        // A refused client may find the socket closed when it writes; the
-        // daemon's reason is still waiting to be read.
-        let sent = (&stream).write_all(
-            &Message::Hello {
-                version: PROTOCOL_VERSION,
-                flags,
-            }
-            .encode(),
-        );
-        let mut reader = FrameReader::new(stream.try_clone()?);
-        reader.stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        let client_id = match (reader.next(Duration::ZERO).map_err(read_error), sent) {
-            (Ok(Some(Message::Bye { message })), _) => return Err(Error::Refused(message)),
-            (_, Err(e)) => return Err(Error::Io(e)),
-            (Ok(Some(Message::Welcome { client_id, .. })), Ok(())) => client_id,
-            (Ok(Some(other)), Ok(())) => {
-                return Err(Error::Protocol(format!("expected WELCOME, got {other:?}")))
-            }
-            (Ok(None), Ok(())) => {
-                return Err(Error::Refused(
-                    "connection closed during the handshake".into(),
-                ))
-            }
-            (Err(e), Ok(())) => return Err(e),
-        };
-        reader.stream.set_read_timeout(None)?;
+        let (welcome, reader) = handshake(&stream, flags, HANDSHAKE_TIMEOUT)?;
         let (tx, rx) = if options.subscribe.is_some() {
             let (tx, rx) = mpsc::channel();
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
-        reader.stream.set_read_timeout(None)?;
         let poll_fd = OwnedFd::from(stream.try_clone()?);
         let shared = Arc::new(Shared {
             writer: Mutex::new(stream),
@@ -256,7 +264,7 @@ impl Client {
             shared,
             next_tag: AtomicU32::new(1),
             events: Mutex::new(rx),
-            client_id,
+            client_id: welcome.client_id,
             reader: Some(reader),
         })
     }
@@ -273,7 +281,7 @@ impl Client {
 
     fn call(
         &self,
-        endpoint: u32,
+        space: Space,
         iova: u64,
         build: impl FnOnce(u32) -> Message,
     ) -> Result<Reply, Error> {
@@ -282,7 +290,7 @@ impl Client {
         lock(&self.shared.calls).insert(
             tag,
             Call {
-                endpoint,
+                space,
                 iova,
                 slot: slot.clone(),
             },
@@ -303,34 +311,32 @@ impl Client {
         slot.take().ok_or(Error::Disconnected)
     }
 
-    fn fetch(
-        &self,
-        endpoint: u32,
-        iova: u64,
-        len: u64,
-        access: Access,
-        report: bool,
-    ) -> Result<Vec<Extent>, Error> {
-        let mut flags = if access == Access::Write {
-            TRANSLATE_F_WRITE
-        } else {
-            0
-        };
+    /// One TRANSLATE round trip: the extents that translate from `iova`
+    /// on (the daemon may answer a long table range in parts), or the
+    /// fault at `iova`.
+    fn fetch(&self, req: Request, iova: u64, len: u64, report: bool) -> Result<Vec<Extent>, Error> {
+        let mut flags = req.flags;
         if report {
             flags |= TRANSLATE_F_REPORT_FAULT;
         }
-        match self.call(endpoint, iova, |tag| Message::Translate {
-            tag,
-            endpoint,
-            flags,
-            iova,
-            len,
+        let (endpoint, pasid) = (req.space.endpoint, req.space.pasid);
+        match self.call(req.space, iova, |tag| {
+            msg::Translate {
+                tag,
+                endpoint,
+                flags,
+                pasid,
+                iova,
+                len,
+            }
+            .into()
         })? {
-            Reply::Translation(extents) => Ok(extents),
+            Reply::Translation(extents) if !extents.is_empty() => Ok(extents),
+            Reply::Translation(_) => Err(Error::Protocol("empty translation")),
             Reply::Fault(f) => Err(Error::Fault(f)),
             Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
             Reply::Result(status, message) => Err(Error::Daemon { status, message }),
-            Reply::Query(_) => Err(Error::Protocol("query reply to a translation".into())),
+            Reply::Query(_) => Err(Error::Protocol("query reply to a translation")),
         }
     }
 
@@ -355,7 +361,8 @@ impl Client {
         len: u64,
         access: Access,
     ) -> Result<Vec<Segment>, Error> {
-        let extents = self.fetch(endpoint, iova, len, access, true)?;
+        let req = Request::iova(endpoint, access);
+        let extents = self.fetch(req, iova, len.max(1), true)?;
         Ok(segments(&extents, iova, len))
     }
 
@@ -371,35 +378,87 @@ impl Client {
         access: Access,
         dma: impl FnOnce(&[Segment]) -> R,
     ) -> Result<R, Error> {
+        self.translate_req(Request::iova(endpoint, access), iova, len, dma)
+    }
+
+    /// Translates `[va, va + len)` of `endpoint` with `pasid` (0: without
+    /// PASID) through the guest table bound to it (ATTACH_TABLE).
+    pub fn translate_pasid(
+        &self,
+        endpoint: u32,
+        pasid: u32,
+        va: u64,
+        len: u64,
+        access: PageAccess,
+    ) -> Result<Vec<Segment>, Error> {
+        self.translate_pasid_with(endpoint, pasid, va, len, access, |s| s.to_vec())
+    }
+
+    /// [`Self::translate_pasid`], then runs `dma` on the segments, with the
+    /// same coherence as [`Self::translate_with`]: an INVALIDATE or
+    /// DETACH_TABLE of these pages does not complete before `dma` returned.
+    /// A fault flagged `FAULT_F_RECOVERABLE` is one the guest could fix
+    /// (a page not present, or without the access).
+    pub fn translate_pasid_with<R>(
+        &self,
+        endpoint: u32,
+        pasid: u32,
+        va: u64,
+        len: u64,
+        access: PageAccess,
+        dma: impl FnOnce(&[Segment]) -> R,
+    ) -> Result<R, Error> {
+        self.translate_req(Request::table(endpoint, pasid, access), va, len, dma)
+    }
+
+    fn translate_req<R>(
+        &self,
+        req: Request,
+        iova: u64,
+        len: u64,
+        dma: impl FnOnce(&[Segment]) -> R,
+    ) -> Result<R, Error> {
         let len = len.max(1);
+        let end = iova.saturating_add(len - 1);
         let Some(cache) = &self.shared.cache else {
-            let extents = self.fetch(endpoint, iova, len, access, false)?;
-            return Ok(dma(&segments(&extents, iova, len)));
+            // Without a cache: ask until the range is covered (a table
+            // range may come in parts).
+            let mut extents = Vec::new();
+            let mut addr = iova;
+            loop {
+                let got = self.fetch(req, addr, end - addr + 1, false)?;
+                let last = got.last().map_or(addr, |e| e.iova_end);
+                extents.extend(got);
+                if last >= end {
+                    return Ok(dma(&segments(&extents, iova, len)));
+                }
+                addr = last + 1;
+            }
         };
-        for _ in 0..MAX_REFETCH {
-            {
+        let mut unstable = 0;
+        let mut covered_before = None;
+        loop {
+            let from = {
                 let c = cache.read().unwrap_or_else(|e| e.into_inner());
-                if let Some(e) = c.lookup(endpoint, iova, access) {
-                    // The common case: one extent covers the whole range.
-                    if e.iova_end >= iova.saturating_add(len - 1) {
-                        let seg = Segment {
-                            iova,
-                            gpa: e.gpa_start.wrapping_add(iova - e.iova_start),
-                            len,
-                        };
-                        return Ok(dma(&[seg]));
-                    }
-                    if let Some(segs) = cached_segments(&c, endpoint, iova, len, access) {
-                        return Ok(dma(&segs));
-                    }
+                match cached_segments(&c, req, iova, len) {
+                    Ok(segs) => return Ok(dma(&segs)),
+                    Err(from) => from,
+                }
+            };
+            // Progress (a longer cached prefix) is not instability; an
+            // invalidation racing the reply is, a bounded number of times.
+            if covered_before.is_some_and(|b| from <= b) {
+                unstable += 1;
+                if unstable >= MAX_REFETCH {
+                    return Err(Error::Unstable);
                 }
             }
+            covered_before = Some(from);
             // Miss: the reader thread caches the reply before handing it
             // over, so the next lookup finds it unless it was invalidated
             // in between, in which case it is fetched again.
-            self.fetch(endpoint, iova, len, access, false)?;
+            self.fetch(req, from, end - from + 1, false)?;
         }
-        Err(Error::Unstable)
     }
 
     /// Reports an unrecoverable fault of `endpoint` at `address`; the
@@ -421,32 +480,27 @@ impl Client {
             reason,
             flags,
             endpoint,
+            pasid: 0,
             address,
         };
-        match self.call(endpoint, address, |tag| Message::ReportFault { tag, fault })? {
+        match self.call(Space::iova(endpoint), address, |tag| {
+            msg::ReportFault { tag, fault }.into()
+        })? {
             Reply::Result(RESULT_OK, _) => Ok(()),
             Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
             Reply::Result(status, message) => Err(Error::Daemon { status, message }),
-            _ => Err(Error::Protocol("unexpected reply to a fault report".into())),
+            _ => Err(Error::Protocol("unexpected reply to a fault report")),
         }
     }
 
-    /// Runs an inspection query (`{"cmd": "status"}` etc.).
-    pub fn query(&self, q: &Value) -> Result<Value, Error> {
-        let json = q.to_string();
-        match self.call(0, 0, |tag| Message::Query { tag, json })? {
-            Reply::Query(text) => {
-                let v: Value =
-                    serde_json::from_str(&text).map_err(|e| Error::Protocol(e.to_string()))?;
-                match v.get("error").and_then(Value::as_str) {
-                    Some(msg) => Err(Error::Daemon {
-                        status: RESULT_INVALID,
-                        message: msg.into(),
-                    }),
-                    None => Ok(v),
-                }
-            }
-            _ => Err(Error::Protocol("unexpected reply to a query".into())),
+    /// Runs an inspection query and decodes its typed reply
+    /// (`viommu_protocol::query` has the reply types).
+    pub fn query<R: serde::de::DeserializeOwned>(&self, q: &Query) -> Result<R, Error> {
+        let json = query::encode(q)?;
+        match self.call(Space::iova(0), 0, |tag| msg::Query { tag, json }.into())? {
+            Reply::Query(text) => Ok(query::decode_reply(&text)?),
+            Reply::Result(status, message) => Err(Error::Daemon { status, message }),
+            _ => Err(Error::Protocol("unexpected reply to a query")),
         }
     }
 
@@ -457,7 +511,7 @@ impl Client {
 
     /// Acknowledges a live event (`Subscription::Sync`).
     pub fn ack(&self, seq: u64) -> Result<(), Error> {
-        self.shared.send(&Message::Ack { seq })
+        self.shared.send(&msg::Ack { seq }.into())
     }
 
     /// Number of cached translations.
@@ -501,30 +555,76 @@ fn segments(extents: &[Extent], iova: u64, len: u64) -> Vec<Segment> {
     out
 }
 
-fn cached_segments(
-    c: &Cache,
-    endpoint: u32,
-    iova: u64,
-    len: u64,
-    access: Access,
-) -> Option<Vec<Segment>> {
+/// The segments of `[iova, iova + len)` if the cache covers all of it
+/// with the access `req` needs; otherwise the first address it misses.
+fn cached_segments(c: &Cache, req: Request, iova: u64, len: u64) -> Result<Vec<Segment>, u64> {
     let end = iova.saturating_add(len - 1);
-    let mut extents = Vec::new();
-    let mut addr = iova;
+    // The common case: one extent covers the whole range.
+    let first = c.lookup(req.space, iova, req.need).ok_or(iova)?;
+    if first.iova_end >= end {
+        return Ok(vec![Segment {
+            iova,
+            gpa: first.gpa_start.wrapping_add(iova - first.iova_start),
+            len,
+        }]);
+    }
+    let mut extents = vec![first];
+    let mut addr = first.iova_end + 1;
     loop {
-        let e = c.lookup(endpoint, addr, access)?;
+        let e = c.lookup(req.space, addr, req.need).ok_or(addr)?;
         extents.push(e);
         if e.iova_end >= end {
-            return Some(segments(&extents, iova, len));
+            return Ok(segments(&extents, iova, len));
         }
         addr = e.iova_end + 1;
     }
 }
 
-fn read_error(e: io::Error) -> Error {
-    match e.kind() {
-        io::ErrorKind::InvalidData => Error::Protocol(e.to_string()),
-        _ => Error::Io(e),
+/// What a translation asks for: the address space, the TRANSLATE flags,
+/// and the extent flags a cached translation needs.
+#[derive(Clone, Copy, Debug)]
+struct Request {
+    space: Space,
+    flags: u32,
+    need: u32,
+}
+
+impl Request {
+    fn iova(endpoint: u32, access: Access) -> Request {
+        Request {
+            space: Space::iova(endpoint),
+            flags: if access == Access::Write {
+                TRANSLATE_F_WRITE
+            } else {
+                0
+            },
+            need: access.map_flag(),
+        }
+    }
+
+    fn table(endpoint: u32, pasid: u32, access: PageAccess) -> Request {
+        let mut flags = 0;
+        let mut need = VIRTIO_IOMMU_MAP_F_READ;
+        if access.write {
+            flags |= TRANSLATE_F_WRITE;
+            need |= VIRTIO_IOMMU_MAP_F_WRITE;
+        }
+        if access.execute {
+            flags |= TRANSLATE_F_EXEC;
+            need |= EXTENT_F_EXEC;
+        }
+        if access.privileged {
+            flags |= TRANSLATE_F_PRIV;
+        }
+        Request {
+            space: Space {
+                endpoint,
+                pasid,
+                privileged: access.privileged,
+            },
+            flags,
+            need,
+        }
     }
 }
 
@@ -568,7 +668,7 @@ impl Shared {
                 }
                 Err(e) => {
                     if !self.closed.load(Ordering::Acquire) {
-                        warn!("viommu control connection: {}", read_error(e));
+                        warn!("viommu control connection: {e}");
                     }
                     self.close();
                     return false;
@@ -578,59 +678,61 @@ impl Shared {
     }
 
     /// Acts on one message from the daemon; false on BYE.
-    fn dispatch(&self, msg: Message) -> bool {
+    fn dispatch(&self, message: Message) -> bool {
         let reply = |tag: u32, r: Reply| {
             if let Some(call) = lock(&self.calls).remove(&tag) {
                 call.slot.put(Some(r));
             }
         };
-        match msg {
-            Message::Translation { tag, extents } => {
+        match message {
+            Message::Translation(m) => {
                 if let Some(cache) = &self.cache {
-                    if let Some(call) = lock(&self.calls).get(&tag) {
+                    if let Some(call) = lock(&self.calls).get(&m.tag) {
                         let mut c = cache.write().unwrap_or_else(|e| e.into_inner());
-                        c.insert(call.endpoint, call.iova, &extents);
+                        c.insert(call.space, call.iova, &m.extents);
                     }
                 }
-                reply(tag, Reply::Translation(extents));
+                reply(m.tag, Reply::Translation(m.extents));
             }
-            Message::Fault { tag, fault } => reply(tag, Reply::Fault(fault)),
-            Message::Result {
-                tag,
-                status,
-                message,
-            } => reply(tag, Reply::Result(status, message)),
-            Message::QueryReply { tag, json } => reply(tag, Reply::Query(json)),
-            Message::Invalidate { seq, scope } => {
+            Message::Fault(m) => reply(m.tag, Reply::Fault(m.fault)),
+            Message::CallResult(m) => reply(m.tag, Reply::Result(m.status, m.message)),
+            Message::QueryReply(m) => reply(m.tag, Reply::Query(m.json)),
+            Message::Invalidate(m) => {
                 if let Some(cache) = &self.cache {
                     // Waits for `translate_with` closures still using them.
                     cache
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
-                        .invalidate(scope);
+                        .invalidate(m.scope);
                 }
-                return self.send(&Message::Ack { seq }).is_ok();
+                return self.send(&msg::Ack { seq: m.seq }.into()).is_ok();
             }
-            Message::Event { seq, kind } => {
-                let ev = if seq == 0 {
-                    Event::Replayed(kind)
+            Message::Event(m) => {
+                let ev = if m.seq == 0 {
+                    Event::Replayed(m.change)
                 } else {
-                    Event::Live { seq, kind }
+                    Event::Live {
+                        seq: m.seq,
+                        change: m.change,
+                    }
                 };
                 if let Some(tx) = lock(&self.events).as_ref() {
                     let _ = tx.send(ev);
                 }
             }
-            Message::ReplayDone => {
+            Message::ReplayDone(_) => {
                 if let Some(tx) = lock(&self.events).as_ref() {
                     let _ = tx.send(Event::ReplayDone);
                 }
             }
-            Message::Bye { message } => {
-                warn!("viommu daemon closed the control connection: {message}");
+            Message::Bye(m) => {
+                warn!("viommu daemon closed the control connection: {}", m.message);
                 return false;
             }
-            other => warn!("unexpected message from the daemon: {other:?}"),
+            other => warn!(
+                "unexpected message type {:#x} from the daemon",
+                other.type_code()
+            ),
         }
         true
     }

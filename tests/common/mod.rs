@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod driver;
+pub mod tables;
 
 use std::{
     fs::File,
@@ -18,7 +19,10 @@ use std::{
 use driver::{Buf, DriverRing, RingLayout, VIRTQ_AVAIL_F_NO_INTERRUPT};
 use vhost::{
     vhost_user::{
-        message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures},
+        message::{
+            VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+            VhostUserHeaderFlag, VhostUserProtocolFeatures,
+        },
         Frontend, VhostUserFrontend,
     },
     VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
@@ -234,8 +238,22 @@ fn setup_rings(
     let eq = DriverRing::new(mem, eq_layout);
     // Like Linux: the request queue has no callback.
     rq.set_avail_flags(mem, VIRTQ_AVAIL_F_NO_INTERRUPT);
+    start_rings(fe, mem, [rq_layout, eq_layout], [0, 0], kicks, calls);
+    (rq, eq)
+}
+
+/// Hands rings already in guest memory to the daemon, each resuming at
+/// its `bases` index.
+fn start_rings(
+    fe: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    layouts: [RingLayout; 2],
+    bases: [u16; 2],
+    kicks: &[EventFd; 2],
+    calls: &[EventFd; 2],
+) {
     let hva = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-    for (q, layout) in [(0usize, rq_layout), (1, eq_layout)] {
+    for (q, layout) in layouts.into_iter().enumerate() {
         fe.set_vring_num(q, layout.size).unwrap();
         fe.set_vring_addr(
             q,
@@ -250,12 +268,71 @@ fn setup_rings(
             },
         )
         .unwrap();
-        fe.set_vring_base(q, 0).unwrap();
+        fe.set_vring_base(q, bases[q]).unwrap();
         fe.set_vring_kick(q, &kicks[q]).unwrap();
         fe.set_vring_call(q, &calls[q]).unwrap();
         fe.set_vring_enable(q, true).unwrap();
     }
-    (rq, eq)
+}
+
+/// A frontend connection set up as a VMM does at boot, up to the memory
+/// table (no rings yet); returns it with the features acked.
+pub fn open_frontend(socket: &Path, mem: &GuestMemoryMmap, event_idx: bool) -> (Frontend, u64) {
+    let mut fe = Frontend::connect(socket, 2).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.set_owner().unwrap();
+    let mut features = fe.get_features().unwrap();
+    if !event_idx {
+        features &= !VIRTIO_RING_F_EVENT_IDX;
+    }
+    let proto = fe.get_protocol_features().unwrap();
+    fe.set_features(features).unwrap();
+    let want = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::DEVICE_STATE;
+    fe.set_protocol_features(proto & want).unwrap();
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+    let region = mem.find_region(GuestAddress(0)).unwrap();
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
+        .unwrap();
+    (fe, features)
+}
+
+/// Saves the device state as a VMM does (SET_DEVICE_STATE_FD with SAVE
+/// and a pipe, read to the end, then CHECK_DEVICE_STATE).
+pub fn save_state(fe: &Frontend) -> Result<Vec<u8>, vhost::Error> {
+    use std::io::Read;
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let returned = fe.set_device_state_fd(
+        VhostTransferStateDirection::SAVE,
+        VhostTransferStatePhase::STOPPED,
+        writer.into(),
+    )?;
+    assert!(returned.is_none(), "the daemon uses the frontend's pipe");
+    let mut blob = Vec::new();
+    reader.read_to_end(&mut blob).unwrap();
+    fe.check_device_state()?;
+    Ok(blob)
+}
+
+/// Loads a device state as a VMM does (SET_DEVICE_STATE_FD with LOAD and
+/// a pipe, the blob written and the pipe closed, then
+/// CHECK_DEVICE_STATE, which says whether the daemon took it).
+pub fn load_state(fe: &Frontend, blob: &[u8]) -> Result<(), vhost::Error> {
+    use std::io::Write;
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    let returned = fe.set_device_state_fd(
+        VhostTransferStateDirection::LOAD,
+        VhostTransferStatePhase::STOPPED,
+        reader.into(),
+    )?;
+    assert!(returned.is_none(), "the daemon uses the frontend's pipe");
+    // The daemon may stop reading early (a blob past its size bound).
+    let _ = writer.write_all(blob);
+    drop(writer);
+    fe.check_device_state()
 }
 
 pub fn guest_memory() -> GuestMemoryMmap {
@@ -280,25 +357,7 @@ impl Guest {
         options: GuestOptions,
         mem: GuestMemoryMmap,
     ) -> Guest {
-        let mut fe = Frontend::connect(socket, 2).unwrap();
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        fe.set_owner().unwrap();
-        let offered = fe.get_features().unwrap();
-        let mut features = offered;
-        if !options.event_idx {
-            features &= !VIRTIO_RING_F_EVENT_IDX;
-        }
-        let proto = fe.get_protocol_features().unwrap();
-        fe.set_features(features).unwrap();
-        let want = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::RESET_DEVICE;
-        fe.set_protocol_features(proto & want).unwrap();
-        assert_eq!(fe.get_queue_num().unwrap(), 2);
-        let region = mem.find_region(GuestAddress(0)).unwrap();
-        fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
-            .unwrap();
+        let (mut fe, features) = open_frontend(socket, &mem, options.event_idx);
         let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
         let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
         let (rq, eq) = setup_rings(&mut fe, &mem, options, &kicks, &calls);
@@ -328,6 +387,29 @@ impl Guest {
             &self.calls,
         );
         (self.rq, self.eq, self.next_slot, self.next_event) = (rq, eq, 0, 0);
+    }
+
+    /// Stops both rings (GET_VRING_BASE), as a VMM does before it saves
+    /// the device state; returns the index each will resume at.
+    pub fn stop(&mut self) -> [u16; 2] {
+        [0, 1].map(|q| {
+            let base = self.fe.get_vring_base(q).unwrap();
+            u16::try_from(base).unwrap()
+        })
+    }
+
+    /// Moves the guest to the daemon at `socket`, as a VMM does on
+    /// restore or incoming migration: it connects with the features the
+    /// guest negotiated and the same guest memory, loads `blob` (which
+    /// must be accepted), then restarts both rings where [`Self::stop`]
+    /// left them. The driver carries on with its rings as they are.
+    pub fn migrate(self, socket: &Path, blob: &[u8], bases: [u16; 2]) -> Guest {
+        let (mut fe, features) = open_frontend(socket, &self.mem, self.options.event_idx);
+        assert_eq!(features, self.features, "the destination offers the same");
+        load_state(&fe, blob).expect("the destination refused the state");
+        let layouts = [self.rq.layout, self.eq.layout];
+        start_rings(&mut fe, &self.mem, layouts, bases, &self.kicks, &self.calls);
+        Guest { fe, ..self }
     }
 
     /// A driver write of the `bypass` config field (through the VMM).
@@ -437,6 +519,43 @@ impl Guest {
     pub fn request<T: ByteValued>(&mut self, req: &T) -> u8 {
         let c = self.submit(&[(readable_part(req), REQ_TAIL_SIZE)]);
         c[0].status().expect("request completed with used length 0")
+    }
+
+    /// Sends one request given by its device-readable bytes (with a
+    /// 4-byte writable tail) and returns its status.
+    pub fn request_ro(&mut self, readable: &[u8]) -> u8 {
+        let c = self.submit(&[(readable, REQ_TAIL_SIZE)]);
+        c[0].status().expect("request completed with used length 0")
+    }
+
+    /// ATTACH_TABLE of a VT-d first-stage table.
+    pub fn attach_table_vtd(
+        &mut self,
+        domain: u32,
+        endpoint: u32,
+        pasid: u32,
+        pgd: u64,
+        addr_width: u32,
+    ) -> u8 {
+        let req = AttachTableVtdReq::new(domain, endpoint, pasid, pgd, addr_width);
+        self.request_ro(req.as_slice())
+    }
+
+    /// DETACH_TABLE of (endpoint, pasid) from domain.
+    pub fn detach_table(&mut self, domain: u32, endpoint: u32, pasid: u32) -> u8 {
+        self.request(&DetachTableReq::new(domain, endpoint, pasid))
+    }
+
+    /// INVALIDATE of `nr_pages` 4 KiB pages from `va` of (domain, pasid).
+    pub fn invalidate_range(&mut self, domain: u32, pasid: u32, va: u64, nr_pages: u64) -> u8 {
+        let req = InvalidateReq::new(
+            VIRTIO_IOMMU_INV_G_VA,
+            VIRTIO_IOMMU_INV_T_IOTLB | VIRTIO_IOMMU_INV_T_DEV_IOTLB,
+            domain,
+        )
+        .with_pasid(pasid)
+        .with_range(va, nr_pages, 12);
+        self.request(&req)
     }
 
     pub fn attach(&mut self, domain: u32, endpoint: u32) -> u8 {

@@ -5,12 +5,40 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
 use viommu::{
     config::{parse_domain_range, ConfigError},
-    DeviceConfig, EndpointSet,
+    parse::parse_u64,
+    DeviceConfig, EndpointSet, TableFormats,
 };
 
-use crate::backend::BackendOptions;
+use crate::{error::WithCauses, iommu::IommuOptions};
+
+/// A command line that does not describe a usable daemon.
+#[derive(Debug, Error)]
+pub enum ArgsError {
+    /// The device options are inconsistent.
+    #[error("invalid device configuration")]
+    Config(#[from] ConfigError),
+    /// Neither --socket-path nor --socket-fd.
+    #[error("--socket-path or --socket-fd is required")]
+    NoSocket,
+    /// `--socket-fd` is not an open socket.
+    #[error("--socket-fd {0} is not an open socket")]
+    NotASocket(i32),
+    /// The VM id cannot be derived; `--vm-id` must be given.
+    #[error("--vm-id is required: {0}")]
+    NeedVmId(String),
+    /// The socket path cannot be made absolute.
+    #[error("cannot make {path} absolute")]
+    Absolute {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,9 +78,12 @@ pub enum PasidMode {
     Identity,
 }
 
+/// A switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
+    /// On.
     On,
+    /// Off.
     Off,
 }
 
@@ -149,6 +180,26 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "global|identity", default_value = "global")]
     pub pasid_mode: PasidMode,
 
+    /// Guest table formats ATTACH_TABLE accepts (PROJECT EXTENSION):
+    /// `vtd` (x86-64 first-stage tables), `smmuv3` (Arm context-descriptor
+    /// tables), both comma-separated, or `none` (the feature is not
+    /// offered). Mainline guests never see the difference.
+    #[arg(long, value_name = "LIST", default_value = "vtd,smmuv3", value_parser = parse_formats)]
+    pub table_formats: TableFormats,
+
+    /// Guest-physical address width tables are walked with (PROBE
+    /// OUTPUT_SIZE): table entries with address bits above it fault.
+    #[arg(long, value_name = "N", default_value_t = 48)]
+    pub output_bits: u8,
+
+    /// Most PASID table bindings one endpoint may hold.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_bindings: usize,
+
+    /// Most table walks the daemon caches for control clients (0: none).
+    #[arg(long, value_name = "N", default_value_t = 1 << 16)]
+    pub max_cached_translations: usize,
+
     /// Directory of the host-wide PASID state shared by all daemons.
     /// Default: /var/lib/vhost-device-iommu as root,
     /// $XDG_STATE_HOME/vhost-device-iommu (or ~/.local/state/...) otherwise.
@@ -163,26 +214,21 @@ fn bound_path(fd: i32) -> Result<Option<PathBuf>, ()> {
     Ok(addr.path().map(PathBuf::from))
 }
 
-fn parse_u64(s: &str) -> Result<u64, String> {
-    let t = s.trim().replace('_', "");
-    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => t.parse(),
-    };
-    r.map_err(|e| format!("`{s}`: {e}"))
+fn parse_endpoints(s: &str) -> Result<EndpointSet, WithCauses<ConfigError>> {
+    s.parse().map_err(WithCauses)
 }
 
-fn parse_endpoints(s: &str) -> Result<EndpointSet, ConfigError> {
+fn parse_domains(s: &str) -> Result<(u32, u32), WithCauses<ConfigError>> {
+    parse_domain_range(s).map_err(WithCauses)
+}
+
+fn parse_formats(s: &str) -> Result<TableFormats, ConfigError> {
     s.parse()
-}
-
-fn parse_domains(s: &str) -> Result<(u32, u32), ConfigError> {
-    parse_domain_range(s)
 }
 
 impl DaemonArgs {
     /// The device configuration these arguments describe, validated.
-    pub fn device_config(&self) -> Result<DeviceConfig, ConfigError> {
+    pub fn device_config(&self) -> Result<DeviceConfig, ArgsError> {
         let config = DeviceConfig {
             page_size_mask: self.page_size_mask,
             input_range: DeviceConfig::input_range_from_bits(self.input_range_bits)?,
@@ -196,6 +242,9 @@ impl DaemonArgs {
                 .unwrap_or_else(EndpointSet::all_pci_rids),
             max_domains: self.max_domains,
             max_mappings_per_domain: self.max_mappings,
+            table_formats: self.table_formats,
+            output_bits: self.output_bits,
+            max_bindings_per_endpoint: self.max_bindings,
             ..DeviceConfig::default()
         };
         config.validate()?;
@@ -210,29 +259,33 @@ impl DaemonArgs {
 
     /// The VM id: `--vm-id`, else the absolute socket path (for
     /// `--socket-fd`, the path the socket is bound to).
-    pub fn vm_id(&self) -> Result<String, String> {
+    pub fn vm_id(&self) -> Result<String, ArgsError> {
         if let Some(id) = &self.vm_id {
             return Ok(id.clone());
         }
         let path = match (&self.socket_path, self.socket_fd) {
-            (Some(p), _) => std::path::absolute(p)
-                .map_err(|e| format!("cannot make {} absolute: {e}", p.display()))?,
+            (Some(p), _) => std::path::absolute(p).map_err(|source| ArgsError::Absolute {
+                path: p.clone(),
+                source,
+            })?,
             (None, Some(fd)) => bound_path(fd)
-                .map_err(|()| format!("--socket-fd {fd} is not an open socket"))?
+                .map_err(|()| ArgsError::NotASocket(fd))?
                 .ok_or_else(|| {
-                    format!("--vm-id is required: --socket-fd {fd} is not bound to a path")
+                    ArgsError::NeedVmId(format!("--socket-fd {fd} is not bound to a path"))
                 })?,
-            (None, None) => return Err("--vm-id is required".into()),
+            (None, None) => return Err(ArgsError::NoSocket),
         };
         path.to_str()
             .map(String::from)
-            .ok_or_else(|| format!("--vm-id is required: {} is not UTF-8", path.display()))
+            .ok_or_else(|| ArgsError::NeedVmId(format!("{} is not UTF-8", path.display())))
     }
 
-    pub fn backend_options(&self) -> BackendOptions {
-        BackendOptions {
+    /// The runtime options of the IOMMU.
+    pub fn iommu_options(&self) -> IommuOptions {
+        IommuOptions {
             poll: Duration::from_micros(self.poll_us),
             client_timeout: Duration::from_millis(self.client_timeout_ms),
+            cached_translations: self.max_cached_translations,
         }
     }
 }
@@ -286,7 +339,7 @@ mod tests {
         let cli = parse(&["--socket-path", "/tmp/v.sock"]).unwrap();
         let cfg = cli.daemon.device_config().unwrap();
         assert_eq!(cfg, DeviceConfig::default());
-        assert_eq!(cli.daemon.backend_options().poll, Duration::from_micros(50));
+        assert_eq!(cli.daemon.iommu_options().poll, Duration::from_micros(50));
     }
 
     #[test]
@@ -331,12 +384,14 @@ mod tests {
             .daemon
             .vm_id()
             .unwrap_err()
+            .to_string()
             .contains("--vm-id is required"));
         let cli = parse(&["--socket-fd", "999"]).unwrap();
         assert!(cli
             .daemon
             .vm_id()
             .unwrap_err()
+            .to_string()
             .contains("not an open socket"));
     }
 

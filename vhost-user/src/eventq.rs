@@ -13,13 +13,16 @@ use std::collections::VecDeque;
 use log::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 
 use crate::chain::Request;
 
+type Mem = crate::iommu::Mem;
+
 /// Events kept while the driver has posted no buffer. Beyond this, new
-/// events are dropped: the first faults of a burst say the most.
-const MAX_PENDING: usize = 256;
+/// events are dropped: the first faults of a burst say the most. A saved
+/// device state carries as many.
+const MAX_PENDING: usize = viommu::state::MAX_PENDING_EVENTS;
 
 /// Largest event record (the extended page-request record is 48 bytes).
 pub const MAX_EVENT: usize = 64;
@@ -46,8 +49,6 @@ pub struct EventQueue {
     spare: Vec<Request>,
     stats: EventStats,
 }
-
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 impl EventQueue {
     pub fn stats(&self) -> EventStats {
@@ -79,12 +80,7 @@ impl EventQueue {
             return;
         };
         let guard = mem.memory();
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(guard.clone());
-            let Some(chain) = chain else { break };
+        while let Some(chain) = crate::chain::pop(&vring, guard.clone()) {
             let head = chain.head_index();
             let mut buf = self.spare.pop().unwrap_or_default();
             match buf.gather(chain, &guard) {
@@ -106,6 +102,31 @@ impl EventQueue {
             self.pop_available(mem);
         }
         self.flush(mem);
+    }
+
+    /// The events waiting for a buffer, oldest first (to save them with
+    /// the device state).
+    pub fn pending_records(&self) -> Vec<Vec<u8>> {
+        self.pending.iter().map(|(r, n)| r[..*n].to_vec()).collect()
+    }
+
+    /// Replaces the events waiting for a buffer with `records`, oldest
+    /// first (a restored device state, which holds at most as many as
+    /// the queue keeps). They are delivered like any pending event.
+    pub fn replace_pending(&mut self, records: &[Vec<u8>]) {
+        self.pending.clear();
+        for r in records {
+            self.post_later(r);
+        }
+    }
+
+    /// Delivers pending events into the buffers the driver made
+    /// available, if any.
+    pub fn deliver(&mut self, mem: &Mem) {
+        if !self.pending.is_empty() {
+            self.pop_available(mem);
+            self.flush(mem);
+        }
     }
 
     /// Queues `record` until the next refill (no guest memory yet).

@@ -19,9 +19,10 @@ use std::{
 use log::{info, warn};
 use thiserror::Error;
 use viommu::pasid::{
-    AllocatorConfig, Pasid, PasidAllocator, PasidError, PasidProvider, SetId, TranslationMode,
+    AllocatorConfig, Pasid, PasidAllocator, PasidError, SetId, SourceError, TranslationMode,
     Translator, DEFAULT_LEASE_BLOCK,
 };
+use viommu_protocol::query::SetInfo;
 
 use crate::pasid_store::{
     validate_vm_id, Reclaimed, SetRecord, Store, StoreError, StoreSource, VmLock, GRANULE,
@@ -53,6 +54,43 @@ pub enum ManagerError {
     },
 }
 
+/// Why the PASIDs of a saved guest cannot be taken on this host
+/// (docs/extension-spec.md, "Snapshot and restore").
+#[derive(Debug, Error)]
+pub enum PasidRestoreError {
+    #[error("the saved guest holds {count} PASIDs, more than this VM's quota of {quota}")]
+    Quota { count: usize, quota: u32 },
+    #[error("guest PASID {pasid} does not fit this host's PASID width (--pasid-bits {bits})")]
+    Width { pasid: Pasid, bits: u8 },
+    #[error(
+        "guest PASID {pasid} must stay host PASID {pasid}, which lies in a block of host \
+         PASIDs leased to VM `{vm_id}` on this host"
+    )]
+    Taken { pasid: Pasid, vm_id: String },
+    #[error("guest PASID {pasid} is in use in this VM's set: {detail}")]
+    InUse { pasid: Pasid, detail: String },
+    #[error("host PASID {pasid} cannot be taken")]
+    Alloc {
+        pasid: Pasid,
+        #[source]
+        source: PasidError,
+    },
+    #[error("this VM's PASID set is unusable")]
+    Set(#[source] PasidError),
+}
+
+/// What [`PasidManager::adopt_guest_pasids`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AdoptedPasids {
+    /// PASIDs taken (and journaled) for the saved guest.
+    pub taken: Vec<Pasid>,
+    /// PASIDs of the saved guest that the set already held.
+    pub kept: Vec<Pasid>,
+    /// Active PASIDs of the set that the saved guest does not have; the
+    /// caller frees them once the restore is committed.
+    pub extra: Vec<Pasid>,
+}
+
 /// One PASID of this daemon's set, for inspection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PasidEntry {
@@ -65,9 +103,29 @@ pub struct PasidEntry {
 /// A set of the host with its liveness.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetStatus {
+    /// What the database records of the set.
     pub record: SetRecord,
     /// A daemon holds the VM's lock.
     pub live: bool,
+}
+
+impl SetStatus {
+    /// The set as `ctl pasids` and `pasid-admin list` show it;
+    /// `this_vm` marks the querying daemon's own set.
+    pub fn info(&self, this_vm: Option<&str>) -> SetInfo {
+        let r = &self.record;
+        SetInfo {
+            vm_id: r.vm_id.clone(),
+            quota: r.quota,
+            pasids: r.pasids,
+            active: r.active,
+            leased: r.leased,
+            pid: r.pid,
+            started_ms: r.started_ms,
+            live: self.live,
+            this_daemon: this_vm.map(|vm| vm == r.vm_id),
+        }
+    }
 }
 
 /// This VM's PASID set, durable and host-wide.
@@ -91,7 +149,7 @@ impl std::fmt::Debug for PasidManager {
 }
 
 fn journal_error(e: StoreError) -> PasidError {
-    PasidError::Source(format!("state store: {e}"))
+    PasidError::Source(SourceError::new(e))
 }
 
 impl PasidManager {
@@ -185,9 +243,7 @@ impl PasidManager {
     }
 
     fn store(&self) -> Result<MutexGuard<'_, Store>, PasidError> {
-        self.store
-            .lock()
-            .map_err(|_| PasidError::Source("state store lock poisoned".into()))
+        self.store.lock().map_err(|_| PasidError::Poisoned)
     }
 
     /// Allocates a host PASID in `[min, max]` that the guest uses as is
@@ -296,6 +352,121 @@ impl PasidManager {
         Ok(freed)
     }
 
+    /// Takes host PASIDs `pasids` (increasing) for a guest restored from
+    /// a snapshot, which allocated them with PASID_ALLOC elsewhere: the
+    /// guest uses them as they are, so each must be this very host
+    /// PASID here. One the set holds for the same guest PASID is kept;
+    /// a free one is taken (leasing its block if no VM holds it) and
+    /// journaled. All or nothing: on any refusal what was taken is freed
+    /// again and the set is as it was.
+    pub fn adopt_guest_pasids(
+        &mut self,
+        pasids: &[Pasid],
+    ) -> Result<AdoptedPasids, PasidRestoreError> {
+        let quota = self.options.quota;
+        if pasids.len() > quota as usize {
+            return Err(PasidRestoreError::Quota {
+                count: pasids.len(),
+                quota,
+            });
+        }
+        let max = self.alloc.max_pasid();
+        if let Some(&pasid) = pasids.iter().find(|&&p| p == 0 || p > max) {
+            return Err(PasidRestoreError::Width {
+                pasid,
+                bits: self.options.bits,
+            });
+        }
+        let mut done = AdoptedPasids::default();
+        let mut wanted = Vec::new();
+        // Conflicts first, while nothing has changed.
+        for &pasid in pasids {
+            let in_use = |detail: String| PasidRestoreError::InUse { pasid, detail };
+            match self.translator.host_of(self.set, pasid) {
+                Some(host) if host == pasid => done.kept.push(pasid),
+                Some(host) => return Err(in_use(format!("mapped to host PASID {host}"))),
+                None => match self.alloc.state(pasid) {
+                    Some(st) if !st.active => {
+                        return Err(in_use(format!(
+                            "freed by the guest, {} references left",
+                            st.refs
+                        )))
+                    }
+                    Some(_) => {
+                        let guest = self.translator.guest_of(pasid).unwrap_or(0);
+                        return Err(in_use(format!("the host PASID of guest PASID {guest}")));
+                    }
+                    None => wanted.push(pasid),
+                },
+            }
+        }
+        done.extra = self
+            .pasids()
+            .into_iter()
+            .filter(|p| p.active)
+            .filter_map(|p| p.guest)
+            .filter(|g| pasids.binary_search(g).is_err())
+            .collect();
+        // The set's extra PASIDs still count until they are freed, after
+        // the restore: lift the quota meanwhile (checked above).
+        let lifted = quota.saturating_add(u32::try_from(pasids.len()).unwrap_or(u32::MAX));
+        self.alloc
+            .set_quota(self.set, lifted)
+            .map_err(PasidRestoreError::Set)?;
+        let mut result = Ok(());
+        for &pasid in &wanted {
+            result = self.take(pasid);
+            if result.is_err() {
+                break;
+            }
+            done.taken.push(pasid);
+        }
+        if let Err(e) = self.alloc.set_quota(self.set, quota) {
+            warn!(
+                "PASID quota of VM `{}` not restored: {e}",
+                self.options.vm_id
+            );
+        }
+        match result {
+            Ok(()) => Ok(done),
+            Err(e) => {
+                self.release_taken(&done.taken);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes host PASID `pasid` for the guest as guest PASID `pasid`.
+    fn take(&mut self, pasid: Pasid) -> Result<(), PasidRestoreError> {
+        let alloc_err = |source| PasidRestoreError::Alloc { pasid, source };
+        match self.alloc.alloc(self.set, pasid..=pasid) {
+            Ok(host) => self.journal_new(host, host).map(drop).map_err(alloc_err),
+            Err(e @ PasidError::Exhausted { .. }) => {
+                let holder = self.store().map(|mut s| s.lease_holder(pasid));
+                match holder {
+                    Ok(Ok(Some(vm_id))) if vm_id != self.options.vm_id => {
+                        Err(PasidRestoreError::Taken { pasid, vm_id })
+                    }
+                    _ => Err(alloc_err(e)),
+                }
+            }
+            Err(e) => Err(alloc_err(e)),
+        }
+    }
+
+    /// Frees PASIDs that [`Self::adopt_guest_pasids`] took, for a restore
+    /// that did not happen.
+    pub fn release_taken(&mut self, taken: &[Pasid]) {
+        for &pasid in taken {
+            if let Err(e) = self.free(pasid) {
+                warn!(
+                    "PASID {pasid} of VM `{}` taken for a restore that failed: {e}",
+                    self.options.vm_id
+                );
+            }
+        }
+    }
+
     /// Takes a reference to active host PASID `host` of the set.
     pub fn get(&mut self, host: Pasid) -> Result<(), PasidError> {
         self.alloc.get(self.set, host)
@@ -362,15 +533,38 @@ impl PasidManager {
 
     /// Every set of the host, with liveness.
     pub fn host_sets(&self) -> Result<Vec<SetStatus>, StoreError> {
+        self.host_sets_reader().read()
+    }
+
+    /// A reader of the host's sets that does not need the manager, so
+    /// that reading the database (which may wait on the disk or another
+    /// daemon's transaction) holds up no PASID request.
+    pub fn host_sets_reader(&self) -> HostSets {
+        HostSets {
+            store: self.store.clone(),
+            dir: self.options.state_dir.clone(),
+        }
+    }
+}
+
+/// Reads the sets of the host from the state database.
+pub struct HostSets {
+    store: Arc<Mutex<Store>>,
+    dir: PathBuf,
+}
+
+impl HostSets {
+    /// Every set of the host, with liveness.
+    pub fn read(&self) -> Result<Vec<SetStatus>, StoreError> {
         let records = self
             .store
             .lock()
             .map_err(|_| StoreError::Inconsistent {
-                path: self.options.state_dir.clone(),
+                path: self.dir.clone(),
                 detail: "state store lock poisoned".into(),
             })?
             .sets()?;
-        with_liveness(&self.options.state_dir, records)
+        with_liveness(&self.dir, records)
     }
 }
 
@@ -422,24 +616,15 @@ pub enum PasidService {
     Global(SharedPasids),
 }
 
-/// The manager as the device model's PASID provider; the daemon keeps
-/// another handle for inspection.
+/// The manager shared by the request worker (the guest's PASID requests)
+/// and the control server (inspection).
 #[derive(Debug, Clone)]
 pub struct SharedPasids(pub Arc<Mutex<PasidManager>>);
 
 impl SharedPasids {
+    /// Locks the manager (it may wait on the disk while held).
     pub fn lock(&self) -> MutexGuard<'_, PasidManager> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl PasidProvider for SharedPasids {
-    fn alloc(&mut self, min: Pasid, max: Pasid) -> viommu::pasid::Result<Pasid> {
-        self.lock().alloc(min, max)
-    }
-
-    fn free(&mut self, pasid: Pasid) -> viommu::pasid::Result<()> {
-        self.lock().free(pasid)
     }
 }
 

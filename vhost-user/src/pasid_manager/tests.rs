@@ -224,3 +224,105 @@ fn free_all_frees_every_active_pasid_durably() {
     }
     assert!(open(dir.path(), "vm", 20, 10).pasids().is_empty());
 }
+
+#[test]
+fn a_restored_guest_gets_its_pasids_back_as_the_same_host_pasids() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut m = open(dir.path(), "vm", 20, 10);
+        let done = m.adopt_guest_pasids(&[1, 70, 500]).unwrap();
+        assert_eq!(done.taken, vec![1, 70, 500]);
+        assert!(done.kept.is_empty() && done.extra.is_empty());
+        assert_eq!(m.to_host(70, 20), Ok(70));
+        assert_eq!(m.usage().1, 3);
+        // The guest allocates on from there.
+        assert_eq!(m.alloc(1, 100), Ok(2));
+    }
+    // Journaled like PASID_ALLOC's.
+    let m = open(dir.path(), "vm", 20, 10);
+    let hosts: Vec<_> = m.pasids().iter().map(|p| (p.host, p.guest)).collect();
+    assert_eq!(
+        hosts,
+        vec![(1, Some(1)), (2, Some(2)), (70, Some(70)), (500, Some(500))]
+    );
+}
+
+#[test]
+fn a_pasid_leased_to_another_vm_refuses_the_restore_and_nothing_stays_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut other = open(dir.path(), "other", 20, 10);
+    assert_eq!(other.alloc(130, 130), Ok(130));
+    let mut m = open(dir.path(), "vm", 20, 10);
+    let e = m.adopt_guest_pasids(&[70, 130]).unwrap_err();
+    assert!(
+        matches!(&e, PasidRestoreError::Taken { pasid: 130, vm_id } if vm_id == "other"),
+        "{e}"
+    );
+    assert!(m.pasids().is_empty(), "70 was given back");
+    let store = m.store.lock().unwrap().pasids("vm").unwrap();
+    assert!(store.is_empty(), "and its journal entry too");
+    assert_eq!(m.usage().0, 10, "quota as it was");
+    // Another PASID of the other VM's block is refused alike: blocks of
+    // 64 host PASIDs are leased whole.
+    assert!(matches!(
+        m.adopt_guest_pasids(&[129]),
+        Err(PasidRestoreError::Taken { pasid: 129, .. })
+    ));
+    // Once the other VM is gone, the restore succeeds.
+    other.end_vm().unwrap();
+    drop(other);
+    assert_eq!(
+        m.adopt_guest_pasids(&[70, 130]).unwrap().taken,
+        vec![70, 130]
+    );
+}
+
+#[test]
+fn a_restore_over_quota_or_width_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = open(dir.path(), "vm", 12, 2);
+    assert!(matches!(
+        m.adopt_guest_pasids(&[1, 2, 3]),
+        Err(PasidRestoreError::Quota { count: 3, quota: 2 })
+    ));
+    assert!(matches!(
+        m.adopt_guest_pasids(&[5000]),
+        Err(PasidRestoreError::Width {
+            pasid: 5000,
+            bits: 12
+        })
+    ));
+    assert!(m.pasids().is_empty());
+}
+
+#[test]
+fn a_restore_keeps_what_the_set_holds_and_names_the_extra_pasids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = open(dir.path(), "vm", 20, 2);
+    assert_eq!(m.alloc(1, 10), Ok(1));
+    assert_eq!(m.alloc(1, 10), Ok(2));
+    // Quota 2 is full, yet the restore may take 3 before 1 is freed.
+    let done = m.adopt_guest_pasids(&[2, 3]).unwrap();
+    assert_eq!(
+        done,
+        AdoptedPasids {
+            taken: vec![3],
+            kept: vec![2],
+            extra: vec![1],
+        }
+    );
+    m.free(1).unwrap();
+    assert_eq!(m.usage(), (2, 2, m.usage().2));
+    assert_eq!(
+        m.alloc(1, 10).unwrap_err(),
+        PasidError::QuotaExceeded { quota: 2 }
+    );
+    // A PASID freed by the guest while something still holds it cannot
+    // be taken for the restore.
+    m.get(3).unwrap();
+    m.free(3).unwrap();
+    assert!(matches!(
+        m.adopt_guest_pasids(&[3]),
+        Err(PasidRestoreError::InUse { pasid: 3, .. })
+    ));
+}

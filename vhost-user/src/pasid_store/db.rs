@@ -505,6 +505,18 @@ impl Store {
         Ok(())
     }
 
+    /// The VM whose lease holds host PASID `host`, if one does.
+    pub fn lease_holder(&mut self, host: Pasid) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT vm_id FROM leases WHERE granule = ?1 AND ?2 BETWEEN first AND last",
+                params![host / self.granule, host],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
     /// Every set of the host, by VM id.
     pub fn sets(&mut self) -> Result<Vec<SetRecord>, StoreError> {
         let path = self.path.clone();

@@ -21,6 +21,38 @@
 //! read, then they are written. A translation fault is reported to the
 //! guest through the daemon (`FaultReporter`), without the engine waiting
 //! for the guest to take it.
+//!
+//! The pattern, reduced to one DMA write (`guest_ram_write` stands for
+//! access to the memory QEMU lent the device):
+//!
+//! ```no_run
+//! use viommu_client::{Access, Client, Error, Options};
+//! # fn guest_ram_write(_gpa: u64, _bytes: &[u8]) {}
+//! let options = Options { cache: true, ..Options::default() };
+//! let client = Client::connect("/run/viommu.ctl", options)?;
+//! let (endpoint, iova, data) = (0x28, 0x10_0000, [0u8; 4096]);
+//! let len = data.len() as u64;
+//! let done = client.translate_with(endpoint, iova, len, Access::Write, |segments| {
+//!     // The guest's UNMAP of these pages waits until this returns.
+//!     let mut off = 0;
+//!     for s in segments {
+//!         guest_ram_write(s.gpa, &data[off..off + s.len as usize]);
+//!         off += s.len as usize;
+//!     }
+//! });
+//! match done {
+//!     Ok(()) => {}
+//!     // Not mapped, not attached, or read-only: no byte was written (the
+//!     // engine below then transfers the part before `f.address`). Tell
+//!     // the guest (this device does it from another thread, see below).
+//!     Err(Error::Fault(f)) => {
+//!         client.report_fault(endpoint, f.address, Some(Access::Write), f.reason)?
+//!     }
+//!     // No answer from the daemon: refuse the access.
+//!     Err(e) => return Err(e.into()),
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::{
     sync::{

@@ -2,16 +2,17 @@
 # ci/daemon-lib.sh: shared helpers of the guest runners that use the daemon
 # (ci/guest-tests.sh, ci/bench-guest.sh).  Source it after ci/provision.sh.
 #
-# Owns: building the daemon binary (cargo build --release -p
-# vhost-device-iommu, into the repository's target directory, so
-# CARGO_TARGET_DIR is respected), starting and stopping one daemon per guest
+# Owns: building the daemon and dma-test-device binaries (cargo build
+# --release, into the repository's target directory, so CARGO_TARGET_DIR is
+# respected), starting and stopping one daemon (and DMA device) per guest
 # boot, writing the boot's VIOT with `vhost-device-iommu viot`, starting QEMU
 # in the background with a hard timeout, and the host->guest line channel
 # (the guest's second serial port, /dev/ttyS1, fed through a FIFO).
 #
 # Functions:
-#   vdi_daemon_build                 sets VDI_DAEMON_BIN (absolute path); installs
-#                                    python3 if missing (the runners need it)
+#   vdi_daemon_build                 sets VDI_DAEMON_BIN and VDI_DMA_DEVICE_BIN
+#                                    (absolute paths); installs python3 if
+#                                    missing (the runners need it)
 #   vdi_daemon_has_ctl               true if the binary has --control-socket
 #   vdi_daemon_start LOG SOCK CTL [DAEMON_ARGS...]
 #                                    daemon in the background (RUST_LOG=debug,
@@ -21,6 +22,15 @@
 #                                    PASID state goes to SOCK's directory.
 #   vdi_daemon_stop                  SIGTERM, wait; returns the daemon's status
 #   vdi_viot OUT IOMMU_BDF ENDPOINTS writes a VIOT with the daemon binary
+#   vdi_dma_device_start LOG SOCK [ARGS...]
+#                                    dma-test-device in the background
+#                                    (RUST_LOG=info), waits for its vfio-user
+#                                    socket; sets VDI_DMA_DEVICE_PID
+#   vdi_dma_device_stop              waits up to 10 s for it to exit (it does
+#                                    when QEMU disconnects), else SIGTERM;
+#                                    returns its status
+#   vdi_dma_device_arg SOCK ADDR     prints QEMU's -device argument that
+#                                    attaches it (vfio-user-pci, JSON form)
 #   vdi_qemu_start TIMEOUT_S CONSOLE DIR QEMU_ARGS...
 #                                    QEMU in the background under `timeout`,
 #                                    stdout+stderr to CONSOLE; QEMU_ARGS give
@@ -31,11 +41,15 @@
 #                                    timed out)
 #   vdi_qemu_kill                    ends QEMU (the timeout wrapper) if running
 #   vdi_send_guest LINE              writes LINE to the guest's /dev/ttyS1
+#   vdi_qemu_pin_vcpus CPUS QMP_SOCK pins QEMU's vCPU threads (found with QMP
+#                                    query-cpus-fast) to CPUS (taskset -c)
 # Knobs: VDI_DAEMON_CPUS / VDI_QEMU_CPUS: CPU lists (taskset -c) for the
-# daemon / QEMU (default: unpinned); VDI_RUST_LOG: the daemon's RUST_LOG.
+# daemon and dma-test-device / QEMU (default: unpinned); VDI_RUST_LOG: the
+# daemon's RUST_LOG.
 
 VDI_LIB_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VDI_DAEMON_PID=""
+VDI_DMA_DEVICE_PID=""
 VDI_QEMU_PID=""
 VDI_HOSTLINE_FD=""
 
@@ -50,11 +64,13 @@ vdi__need_python3() {   # the runners parse JSON with python3
 vdi_daemon_build() {
     local target
     vdi__need_python3
-    (cd "$VDI_LIB_REPO" && cargo build --release --quiet -p vhost-device-iommu) >&2
+    (cd "$VDI_LIB_REPO" && cargo build --release --quiet -p vhost-device-iommu -p dma-test-device) >&2
     target="$(cd "$VDI_LIB_REPO" && cargo metadata --format-version 1 --no-deps |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
     VDI_DAEMON_BIN="$target/release/vhost-device-iommu"
+    VDI_DMA_DEVICE_BIN="$target/release/dma-test-device"
     [[ -x "$VDI_DAEMON_BIN" ]] || { echo "daemon-lib: no binary at $VDI_DAEMON_BIN" >&2; return 1; }
+    [[ -x "$VDI_DMA_DEVICE_BIN" ]] || { echo "daemon-lib: no binary at $VDI_DMA_DEVICE_BIN" >&2; return 1; }
 }
 
 vdi_daemon_has_ctl() {
@@ -95,6 +111,41 @@ vdi_daemon_stop() {
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" || rc=$?
     return "$rc"
+}
+
+vdi_dma_device_start() {
+    local log="$1" sock="$2" k
+    shift 2
+    rm -f "$sock"
+    local pin=()
+    [[ -n "${VDI_DAEMON_CPUS:-}" ]] && pin=(taskset -c "$VDI_DAEMON_CPUS")
+    RUST_LOG="${VDI_DMA_RUST_LOG:-info}" "${pin[@]}" "$VDI_DMA_DEVICE_BIN" --socket-path "$sock" "$@" >"$log" 2>&1 &
+    VDI_DMA_DEVICE_PID=$!
+    for ((k = 0; k < 200; k++)); do
+        [[ -S "$sock" ]] && return 0
+        kill -0 "$VDI_DMA_DEVICE_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "daemon-lib: dma-test-device did not create its socket (log $log):" >&2
+    tail -n 5 "$log" >&2
+    return 1
+}
+
+vdi_dma_device_stop() {
+    local pid="$VDI_DMA_DEVICE_PID" rc=0 k
+    [[ -n "$pid" ]] || return 0
+    VDI_DMA_DEVICE_PID=""
+    for ((k = 0; k < 200; k++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" || rc=$?
+    return "$rc"
+}
+
+vdi_dma_device_arg() {
+    printf '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"},"addr":"%s"}\n' "$1" "$2"
 }
 
 vdi_viot() {
@@ -142,4 +193,34 @@ vdi_qemu_kill() {
 vdi_send_guest() {
     [[ -n "$VDI_HOSTLINE_FD" ]] || return 1
     printf '%s\n' "$1" >&"$VDI_HOSTLINE_FD"
+}
+
+vdi_qemu_pin_vcpus() {
+    local cpus="$1" qmp="$2" tid
+    for tid in $(python3 - "$qmp" <<'PY'
+import json, socket, sys, time
+deadline = time.monotonic() + 10
+while True:
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[1])
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("no QMP socket " + sys.argv[1])
+        time.sleep(0.05)
+f = s.makefile("rw")
+f.readline()
+for cmd in ("qmp_capabilities", "query-cpus-fast"):
+    f.write(json.dumps({"execute": cmd}) + "\n")
+    f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r or "error" in r:
+            break
+print(" ".join(str(c["thread-id"]) for c in r.get("return", [])))
+PY
+    ); do
+        taskset -pc "$cpus" "$tid" >/dev/null
+    done
 }

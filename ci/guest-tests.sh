@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # ci/guest-tests.sh: end-to-end tests of the vhost-device-iommu daemon
 # against the real Linux virtio-iommu driver.
-# Owns: for each guest kernel of ci/provision.sh, three boots under QEMU 11,
-# each with its own daemon (RUST_LOG=debug, --control-socket) attached
-# through vhost-user-test-device-pci at 00:03.0 and a VIOT written by
-# `vhost-device-iommu viot`:
+# Owns: for each guest kernel of ci/provision.sh, five boots under QEMU 11,
+# the first four with their own daemon (RUST_LOG=debug, --control-socket)
+# attached through vhost-user-test-device-pci at 00:03.0 and a VIOT written
+# by `vhost-device-iommu viot`:
 #   translated  iommu.passthrough=0: driver probe, PROBE (MSI window), attach,
 #               VFIO mappings compared with the daemon's domain, translation,
 #               UNMAP, a fault injected through the control plane reaching
@@ -13,7 +13,22 @@
 #   identity-bypass     iommu.passthrough=1 with BYPASS_CONFIG: bypass domain;
 #   identity-nobypass   iommu.passthrough=1, --bypass-config off: identity maps
 #                       covering the aperture except the MSI window;
-# and, every boot, the daemon's health (no ERROR line, same PID, clean exit).
+#               both with dma-test-device at 00:05.0 doing DMA at guest-physical
+#               addresses (dma-identity: straight through);
+#   dma         dma-test-device (vfio-user-pci at 00:05.0, endpoint 0x28) whose
+#               DMA the daemon translates, driven by ci/guest/dma-test.sh:
+#               DMA lands where the guest mapped (guest bytes; host `ctl
+#               translate`), faults after UNMAP and on read-only mappings with
+#               memory untouched and the fault events in the guest's dmesg
+#               (host: every fault delivered), a partial FILL, the
+#               map/DMA/unmap/DMA-faults loop with the device's cache on;
+#   dma-builtin the same device and guest checks behind QEMU's built-in
+#               virtio-iommu-pci (no daemon; the device uses QEMU's DMA_MAP
+#               messages), the baseline; except fault-events: QEMU's
+#               virtio-iommu offers a device process no way to report a
+#               fault, so the guest sees none;
+# and, every boot, the daemon's health (no ERROR line, same PID, clean exit)
+# and the DMA device's (exit status 0 once QEMU is gone, no WARN/ERROR).
 # The host judges the daemon's state through `vhost-device-iommu ctl`
 # (ci/hostcheck.py); the guest side is ci/guest/daemon-test.sh, driven in
 # lock step over the guest's second serial port.
@@ -33,6 +48,8 @@
 #        VDI_GUEST_KEEP_LOGS=1  keep the logs even if everything passed
 #        VDI_GUEST_KERNELS  kernel indexes to test (default: all provisioned)
 #        VDI_BENCH          MAP+UNMAP pairs of the short guest benchmark (1000)
+#        VDI_DMA_LOOPS      map/DMA/unmap/DMA cycles of the stale-cache check (50)
+#        VDI_GUEST_MODES    boots to run per kernel (default: all five, in order)
 #        plus the knobs of ci/provision.sh (VDI_ACCEL, VDI_CACHE, ...)
 
 set -euo pipefail
@@ -54,6 +71,12 @@ ep_id=32
 hp_bdf=01:00.0
 hp_id=256
 fault_addr=0xdead0000
+dma_bdf=00:05.0
+dma_id=40
+dma_loops="${VDI_DMA_LOOPS:-50}"
+# The faults vfio-dma provokes before its stale-cache loop (dma-test.sh).
+dma_faults=5
+modes="${VDI_GUEST_MODES:-translated identity-bypass identity-nobypass dma dma-builtin}"
 
 passed=0
 failed=0
@@ -66,6 +89,7 @@ result() { # PASS|FAIL NAME DETAIL
 
 cleanup() {
     vdi_qemu_kill
+    vdi_dma_device_stop >/dev/null 2>&1 || true
     vdi_daemon_stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -154,6 +178,7 @@ go() {
 }
 
 # boot KERNEL_INDEX MODE: MODE = translated | identity-bypass | identity-nobypass
+#                              | dma | dma-builtin
 boot() {
     local i="$1" mode="$2"
     local rel="${VDI_KERNEL_RELEASES[$i]}" label="${VDI_KERNEL_LABELS[$i]}"
@@ -164,6 +189,7 @@ boot() {
     mkdir -p "$dir"
     local sock="$dir/vhost.sock" daemon_log="$dir/daemon.log"
     local failed_before=$failed expected=() daemon_args=() viot_eps cmdline guest_checks
+    local daemon=yes dma="" initrd="$logdir/initrd-$i.gz"
     reported=()
     cmdline="$VDI_KERNEL_CMDLINE vdi.dev=0000:$ep_bdf vdi.bench=$bench"
     local topo=(-device "edu,addr=${ep_bdf#00:},id=ep0")
@@ -179,10 +205,12 @@ boot() {
                 bench-requests hot-unplug detach)
             ;;
         identity-*)
-            viot_eps="$ep_bdf"
-            daemon_args=(--endpoints "$ep_id")
+            viot_eps="$ep_bdf,$dma_bdf"
+            daemon_args=(--endpoints "$ep_id,$dma_id")
             cmdline="${cmdline/iommu.passthrough=0/iommu.passthrough=1} vdi.mode=identity"
-            guest_checks=(driver-probe identity-domain msi-window)
+            cmdline+=" vdi.dmadev=0000:$dma_bdf"
+            dma=daemon
+            guest_checks=(driver-probe identity-domain msi-window dma-identity)
             expected=(attach endpoint-probe)
             if [[ $mode == identity-bypass ]]; then
                 expected+=(bypass-domain)
@@ -191,22 +219,63 @@ boot() {
                 expected+=(identity-maps)
             fi
             ;;
+        dma | dma-builtin)
+            initrd="$logdir/initrd-dma-$i.gz"
+            topo=()
+            cmdline="$VDI_KERNEL_CMDLINE vdi.dmadev=0000:$dma_bdf vdi.ep=$dma_id vdi.loops=$dma_loops"
+            guest_checks=(driver-probe dma-regs dma-fill dma-copy dma-checksum dma-readonly
+                dma-unmapped dma-partial dma-stale)
+            if [[ $mode == dma ]]; then
+                viot_eps="$dma_bdf"
+                daemon_args=(--endpoints "$dma_id")
+                cmdline+=" vdi.faults=1 vdi.hold=1"
+                dma=daemon
+                guest_checks+=(fault-events)
+                expected=(attach dma-translate dma-faults)
+            else
+                daemon=no
+                dma=direct
+            fi
+            ;;
     esac
-    expected=(boot "${guest_checks[@]}" "${expected[@]}" daemon-health daemon-exit)
+    expected=(boot "${guest_checks[@]}" "${expected[@]}")
+    [[ $daemon == yes ]] && expected+=(daemon-health daemon-exit)
+    [[ -n $dma ]] && expected+=(dma-device-exit)
 
     echo "--- $name: $rel (timeout ${timeout_s}s)"
-    if ! vdi_viot "$dir/viot.bin" 00:03.0 "$viot_eps" 2>"$dir/viot.err"; then
-        result FAIL "$name/viot" "vhost-device-iommu viot: $(cat "$dir/viot.err")"
-        return 0
+    local iommu=(-device virtio-iommu-pci,addr=03.0) dpid=""
+    if [[ $daemon == yes ]]; then
+        if ! vdi_viot "$dir/viot.bin" 00:03.0 "$viot_eps" 2>"$dir/viot.err"; then
+            result FAIL "$name/viot" "vhost-device-iommu viot: $(cat "$dir/viot.err")"
+            return 0
+        fi
+        local ctl_arg=""
+        [[ $has_ctl == yes ]] && ctl_arg="$ctl_sock"
+        if ! vdi_daemon_start "$daemon_log" "$sock" "$ctl_arg" "${daemon_args[@]}"; then
+            result FAIL "$name/daemon-start" "see $daemon_log"
+            vdi_daemon_stop >/dev/null 2>&1 || true
+            return 0
+        fi
+        dpid="$VDI_DAEMON_PID"
+        # shellcheck disable=SC2054  # commas inside -device arguments are intended
+        iommu=(-chardev "socket,id=viommu0,path=$sock"
+            -device vhost-user-test-device-pci,chardev=viommu0,virtio-id=23,num_vqs=2,config_size=40,addr=03.0
+            -acpitable "file=$dir/viot.bin")
     fi
-    local ctl_arg=""
-    [[ $has_ctl == yes ]] && ctl_arg="$ctl_sock"
-    if ! vdi_daemon_start "$daemon_log" "$sock" "$ctl_arg" "${daemon_args[@]}"; then
-        result FAIL "$name/daemon-start" "see $daemon_log"
-        vdi_daemon_stop >/dev/null 2>&1 || true
-        return 0
+    local dma_log="$dir/dma-device.log"
+    if [[ -n $dma ]]; then
+        local dma_args=()
+        [[ $dma == daemon ]] && dma_args=(--control-socket "$ctl_sock" --endpoint "$dma_id")
+        if ! vdi_dma_device_start "$dma_log" "$dir/dma.sock" "${dma_args[@]}"; then
+            result FAIL "$name/dma-device-start" "see $dma_log"
+            vdi_dma_device_stop >/dev/null 2>&1 || true
+            vdi_daemon_stop >/dev/null 2>&1 || true
+            return 0
+        fi
+        topo+=(-device "$(vdi_dma_device_arg "$dir/dma.sock" "${dma_bdf#00:}")")
     fi
-    local dpid="$VDI_DAEMON_PID" t0="$EPOCHREALTIME"
+    local t0="$EPOCHREALTIME"
+    : >"$console" # reach may look before QEMU's redirection creates it
     deadline=$(($(date +%s) + timeout_s))
     alive=yes
     stuck=""
@@ -216,10 +285,8 @@ boot() {
         -machine "q35,accel=$VDI_ACCEL,memory-backend=mem0" -cpu "$VDI_CPU" -smp 2 -m 512M \
         -object memory-backend-memfd,id=mem0,size=512M,share=on \
         -nodefaults -nographic -no-reboot -serial stdio \
-        -kernel "${VDI_KERNEL_IMAGES[$i]}" -initrd "$logdir/initrd-$i.gz" -append "$cmdline" \
-        -chardev "socket,id=viommu0,path=$sock" \
-        -device vhost-user-test-device-pci,chardev=viommu0,virtio-id=23,num_vqs=2,config_size=40,addr=03.0 \
-        -acpitable "file=$dir/viot.bin" "${topo[@]}" \
+        -kernel "${VDI_KERNEL_IMAGES[$i]}" -initrd "$initrd" -append "$cmdline" \
+        "${iommu[@]}" "${topo[@]}" \
         -qmp "unix:$dir/qmp.sock,server=on,wait=off"
 
     if [[ $mode == translated ]]; then
@@ -248,7 +315,13 @@ boot() {
             check detach unplugged --endpoint "$hp_id" --stats-before "$dir/stats-unplug.json"
             go
         fi
-    else
+    elif [[ $mode == dma ]]; then
+        if reach '^vfio-dma: HOLD '; then
+            check attach attached --endpoint "$dma_id"
+            check dma-translate dma-translate --console "$console" --endpoint "$dma_id"
+            release
+        fi
+    elif [[ $mode == identity-* ]]; then
         if reach '^VDI-WAIT identity$'; then
             check attach attached --endpoint "$ep_id"
             check endpoint-probe probe --min 1
@@ -260,8 +333,9 @@ boot() {
             go
         fi
     fi
-    if reach '^VDI-WAIT end$'; then
+    if [[ $daemon == yes ]] && reach '^VDI-WAIT end$'; then
         check daemon-health health --pid "$dpid" --log "$daemon_log"
+        [[ $mode == dma ]] && check dma-faults dma-faults --expect $((dma_faults + dma_loops))
         go
     fi
 
@@ -287,13 +361,26 @@ boot() {
         fi
     done
 
-    local drc=0 alive_before=no
-    kill -0 "$dpid" 2>/dev/null && alive_before=yes
-    vdi_daemon_stop || drc=$?
-    if [[ $alive_before == yes && $drc -eq 0 ]]; then
-        result PASS "$name/daemon-exit" "pid $dpid alive until SIGTERM, exit status 0"
-    else
-        result FAIL "$name/daemon-exit" "alive before SIGTERM: $alive_before, exit status $drc"
+    if [[ -n $dma ]]; then
+        local xrc=0 bad
+        vdi_dma_device_stop || xrc=$?
+        bad="$(grep -m1 -E '^\[\S+ (WARN|ERROR) ' "$dma_log" || true)"
+        if [[ $xrc -eq 0 && -z "$bad" ]]; then
+            result PASS "$name/dma-device-exit" "exited with status 0 after QEMU disconnected, no WARN/ERROR line"
+        else
+            result FAIL "$name/dma-device-exit" "exit status $xrc${bad:+; $bad} (see $dma_log)"
+        fi
+    fi
+
+    if [[ $daemon == yes ]]; then
+        local drc=0 alive_before=no
+        kill -0 "$dpid" 2>/dev/null && alive_before=yes
+        vdi_daemon_stop || drc=$?
+        if [[ $alive_before == yes && $drc -eq 0 ]]; then
+            result PASS "$name/daemon-exit" "pid $dpid alive until SIGTERM, exit status 0"
+        else
+            result FAIL "$name/daemon-exit" "alive before SIGTERM: $alive_before, exit status $drc"
+        fi
     fi
 
     for c in "${expected[@]}"; do
@@ -302,14 +389,21 @@ boot() {
     if [[ $failed -gt $failed_before ]]; then
         echo "     $name: last console lines ($console):"
         tr -d '\r' <"$console" | grep -v '^$' | tail -n 25 | sed 's/^/       /'
-        echo "     $name: last daemon log lines ($daemon_log):"
-        tail -n 10 "$daemon_log" | sed 's/^/       /'
+        if [[ $daemon == yes ]]; then
+            echo "     $name: last daemon log lines ($daemon_log):"
+            tail -n 10 "$daemon_log" | sed 's/^/       /'
+        fi
+        if [[ -n $dma ]]; then
+            echo "     $name: last DMA device log lines ($dma_log):"
+            tail -n 10 "$dma_log" | sed 's/^/       /'
+        fi
     fi
 }
 
 for i in $kernels; do
     vdi_build_initramfs "$i" "$logdir/initrd-$i.gz" "$ci_dir/guest/daemon-test.sh:etc/vdi/test"
-    for mode in translated identity-bypass identity-nobypass; do
+    vdi_build_initramfs "$i" "$logdir/initrd-dma-$i.gz" "$ci_dir/guest/dma-test.sh:etc/vdi/test"
+    for mode in $modes; do
         boot "$i" "$mode"
     done
 done

@@ -163,6 +163,60 @@ def check_translate(a):
     return f"{len(want)} guest IOVAs translate to their GPAs; unmapped {hole:#x} faults (reason mapping)"
 
 
+def dma_pages(console):
+    """IOVA page -> (GPA page, writable) of vfio-dma's MAP/PAGE lines up to
+    its HOLD."""
+    pages, writable = {}, None
+    for line in console_lines(console):
+        m = re.search(r"vfio-dma: (MAP|PAGE|HOLD) ?(.*)", line)
+        if not m:
+            continue
+        if m.group(1) == "HOLD":
+            break
+        if m.group(1) == "MAP":
+            writable = m.group(2).split()[-1] == "rw"
+        f = fields(m.group(2))
+        pages[int(f["iova"], 16)] = (int(f["gpa"], 16), writable)
+    if not pages:
+        raise CheckFailed("the guest reported no vfio-dma MAP line before HOLD")
+    return pages
+
+
+def check_dma_translate(a):
+    ctl = Ctl(a.bin, a.ctl)
+    want = dma_pages(a.console)
+    for iova, (gpa, writable) in sorted(want.items()):
+        r = translate(ctl, a.endpoint, iova, write=writable)
+        segs = r.get("segments") or []
+        if not r.get("ok") or len(segs) != 1 or segs[0]["gpa"] != gpa or segs[0]["len"] != PAGE:
+            raise CheckFailed(f"translate {iova:#x}: {json.dumps(r)}, expected gpa {gpa:#x}")
+        if not writable:
+            r = translate(ctl, a.endpoint, iova, write=True)
+            if r.get("ok") or (r.get("fault") or {}).get("reason") != "mapping":
+                raise CheckFailed(f"write to read-only {iova:#x}: {json.dumps(r)}, expected a mapping fault")
+    hole = max(want) + 0x100000
+    r = translate(ctl, a.endpoint, hole)
+    if r.get("ok"):
+        raise CheckFailed(f"translate of unmapped {hole:#x}: {json.dumps(r)}, expected a fault")
+    ro = sum(1 for _, w in want.values() if not w)
+    return (f"the device's {len(want)} DMA pages translate to the GPAs the guest mapped "
+            f"({ro} read-only, refusing writes); unmapped {hole:#x} faults")
+
+
+def check_dma_faults(a):
+    # The device reports faults from a thread of its own: give the last
+    # ones a moment to arrive.
+    ctl, deadline = Ctl(a.bin, a.ctl), time.monotonic() + 3
+    while True:
+        faults = ctl("stats")["faults"]
+        if faults["delivered"] >= a.expect or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if faults["delivered"] != a.expect or faults["dropped"] or faults["pending"]:
+        raise CheckFailed(f"faults {json.dumps(faults)}, expected exactly {a.expect} delivered")
+    return f"the device reported {a.expect} translation faults, all delivered to the guest: {json.dumps(faults)}"
+
+
 def check_unmapped(a):
     ctl = Ctl(a.bin, a.ctl)
     want = guest_pages(a.console)
@@ -354,6 +408,11 @@ def main():
     sp = add("translate", check_translate, "ctl")
     sp.add_argument("--console", required=True)
     sp.add_argument("--endpoint", type=int, required=True)
+    sp = add("dma-translate", check_dma_translate, "ctl")
+    sp.add_argument("--console", required=True)
+    sp.add_argument("--endpoint", type=int, required=True)
+    sp = add("dma-faults", check_dma_faults, "ctl")
+    sp.add_argument("--expect", type=int, required=True)
     sp = add("unmapped", check_unmapped, "ctl")
     sp.add_argument("--console", required=True)
     sp.add_argument("--endpoint", type=int, required=True)

@@ -11,10 +11,13 @@
 #   vdi.dev=BDF      main endpoint (default 0000:00:04.0)
 #   vdi.hpdev=BDF    endpoint the host hot-unplugs (translated mode; none if unset)
 #   vdi.bench=N      MAP+UNMAP pairs of the short benchmark (translated mode)
+#   vdi.dmadev=BDF   identity mode: dma-test-device, checked with DMA at
+#                    guest-physical addresses (vfio-dma --mode phys)
 
 MODE=translated
 DEV=0000:00:04.0
 HPDEV=""
+DMADEV=""
 BENCH=1000
 read -r cmdline </proc/cmdline
 for arg in $cmdline; do
@@ -23,6 +26,7 @@ for arg in $cmdline; do
         vdi.dev=*) DEV="${arg#vdi.dev=}" ;;
         vdi.hpdev=*) HPDEV="${arg#vdi.hpdev=}" ;;
         vdi.bench=*) BENCH="${arg#vdi.bench=}" ;;
+        vdi.dmadev=*) DMADEV="${arg#vdi.dmadev=}" ;;
     esac
 done
 
@@ -78,6 +82,14 @@ if [ "$MODE" = identity ]; then
         fail identity-domain "$DEV group '$g' type '$type' (expected identity)"
     fi
     check_msi_window "$DEV"
+    # Identity or bypass domain: the device's DMA goes straight through.
+    if [ -n "$DMADEV" ]; then
+        vfio-dma --mode phys --device "$DMADEV" >/tmp/dma.out 2>&1
+        cat /tmp/dma.out
+        sed -n 's/^vfio-dma: \(PASS\|FAIL\) /VDI-RESULT \1 /p' /tmp/dma.out
+        grep -q '^vfio-dma: \(PASS\|FAIL\) dma-identity' /tmp/dma.out ||
+            fail dma-identity "$(grep -m1 ERROR /tmp/dma.out)"
+    fi
     wait_host identity
 else
     [ -n "$HPDEV" ] && bind_vfio "$HPDEV"

@@ -306,6 +306,9 @@ pub struct ViotArgs {
 
     /// Endpoints it translates: comma-separated PCI addresses or inclusive
     /// ranges (`00:04.0-00:04.7,00:05.0`). Endpoint ID = requester ID.
+    /// Only devices whose DMA goes through the daemon's control socket
+    /// (e.g. `dma-test-device` on vfio-user-pci), not QEMU's own
+    /// emulated devices, whose DMA the daemon does not see.
     #[arg(long, value_name = "LIST", value_parser = parse_ranges_arg)]
     pub endpoints: EndpointRanges,
 

@@ -117,6 +117,7 @@ struct viommu_sva_submit {
 struct viommu_sva_stats {
 	__u64 page_requests;	/* PAGE_REQ records, stop markers included */
 	__u64 stop_markers;
+	__u64 page_groups;	/* LAST page requests: each needs a PAGE_RESP */
 	__u64 resp_success;	/* PAGE_RESP sent, by code */
 	__u64 resp_invalid;
 	__u64 resp_failure;

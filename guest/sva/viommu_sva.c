@@ -450,7 +450,7 @@ struct sva_dev {
 	unsigned int		lat_count;
 
 	struct {
-		atomic64_t page_requests, stop_markers;
+		atomic64_t page_requests, stop_markers, page_groups;
 		atomic64_t resp[3], resp_stale, resp_errors;
 		atomic64_t faults, bad_events, events_lost;
 		atomic64_t invalidations, inval_errors;
@@ -1778,6 +1778,7 @@ static void sva_handle_event(struct sva_dev *sdev, struct sva_prq_entry *ent)
 					     "too many failed groups pending\n");
 		return;
 	}
+	atomic64_inc(&sdev->stats.page_groups);
 	if (sva_group_take(sdev, endpoint, pasid, group))
 		code = VIRTIO_IOMMU_PAGE_RESP_INVALID;
 	sva_page_resp(sdev, endpoint, pasid, pasid_valid, group, code,
@@ -2118,6 +2119,7 @@ static void sva_fill_stats(struct sva_dev *sdev, struct viommu_sva_stats *st)
 	memset(st, 0, sizeof(*st));
 	st->page_requests = atomic64_read(&sdev->stats.page_requests);
 	st->stop_markers = atomic64_read(&sdev->stats.stop_markers);
+	st->page_groups = atomic64_read(&sdev->stats.page_groups);
 	st->resp_success = atomic64_read(&sdev->stats.resp[0]);
 	st->resp_invalid = atomic64_read(&sdev->stats.resp[1]);
 	st->resp_failure = atomic64_read(&sdev->stats.resp[2]);

@@ -12,6 +12,13 @@
 # (-EPROBE_DEFER) and the DMA device's driver would never bind.  Its
 # PASID-less DMA goes through the daemon's boot bypass.
 #
+# A second boot per kernel replaces the daemon with ci/fake-sva-device.py,
+# a scripted device that speaks the whole profile and emulates a PASID DMA
+# engine, so that the module's SVA path (ATTACH_TABLE, page requests and
+# groups, INVALIDATE from munmap, exit under an open request, DETACH/FREE
+# order, bounded waits, a broken device) is tested now, before the daemon
+# has it (ci/guest/sva-fake-test.sh; host checks by its `drive` mode).
+#
 # Checks per kernel: module-build, boot, the guest's VDI-RESULT lines
 # (ci/guest/sva-test.sh: probe, features, PROBE, PASID_ALLOC/FREE, BIND
 # refused or bound, the SVA checks of issue 14, kernel health, rmmod), the
@@ -212,6 +219,70 @@ boot() { # KERNEL_INDEX KO_DIR
     fi
 }
 
+# fake_boot KERNEL_INDEX KO_DIR: the module against ci/fake-sva-device.py
+fake_boot() {
+    local i="$1" ko_dir="$2" label="${VDI_KERNEL_LABELS[$i]}"
+    local dir="$logdir/$label-fake" failed_before=$failed
+    name="$label/fake"
+    console="$dir/console.log"
+    mkdir -p "$dir"
+    local sock="$dir/vhost.sock" ctl="$dir/fake-ctl.sock" fake_pid drv_pid t0="$EPOCHREALTIME"
+
+    vdi_build_initramfs "$i" "$dir/initrd.gz" --modules "$ko_dir/viommu_sva.ko" \
+        "$ci_dir/guest/sva-fake-test.sh:etc/vdi/test"
+    rm -f "$sock" "$ctl"
+    python3 "$ci_dir/fake-sva-device.py" serve --socket "$sock" --control "$ctl" \
+        --log "$dir/requests.jsonl" --endpoints "$ep_id,$((ep_id + 1))" >"$dir/fake.log" 2>&1 &
+    fake_pid=$!
+    for ((k = 0; k < 100; k++)); do [[ -S "$sock" && -S "$ctl" ]] && break; sleep 0.05; done
+    echo "--- $name: ${VDI_KERNEL_RELEASES[$i]} against ci/fake-sva-device.py (timeout ${timeout_s}s)"
+    # shellcheck disable=SC2054  # commas inside -device/-machine arguments are intended
+    vdi_qemu_start "$timeout_s" "$console" "$dir" \
+        -machine "q35,accel=$VDI_ACCEL,memory-backend=mem0" -cpu "$VDI_CPU" -smp 2 -m 512M \
+        -object memory-backend-memfd,id=mem0,size=512M,share=on \
+        -nodefaults -nographic -no-reboot -serial stdio \
+        -kernel "${VDI_KERNEL_IMAGES[$i]}" -initrd "$dir/initrd.gz" \
+        -append "$VDI_KERNEL_CMDLINE vdi.ep=$ep_id vdi.ep2=$((ep_id + 1))" \
+        -chardev "socket,id=viommu0,path=$sock" \
+        -device vhost-user-test-device-pci,chardev=viommu0,virtio-id=23,num_vqs=2,config_size=40,addr=03.0
+    python3 "$ci_dir/fake-sva-device.py" drive --control "$ctl" --console "$console" \
+        --hostline "$dir/hostline.in" --timeout "$timeout_s" >"$dir/driver.out" 2>&1 &
+    drv_pid=$!
+    local rc=0 secs
+    vdi_qemu_wait || rc=$?
+    wait "$drv_pid" || true
+    kill "$fake_pid" 2>/dev/null || true
+    wait "$fake_pid" 2>/dev/null || true
+    secs="$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
+    if [[ $rc -eq 0 ]] && tr -d '\r' <"$console" | grep -q '^VDI-DONE'; then
+        result PASS "$name/boot" "${secs}s, guest test done, powered off cleanly"
+    else
+        result FAIL "$name/boot" "QEMU status $rc after ${secs}s, guest test did not finish"
+    fi
+    local line status check detail c
+    while read -r status check detail; do
+        case "$status" in PASS | FAIL) result "$status" "$name/$check" "$detail" ;; esac
+    done <"$dir/driver.out"
+    while read -r line; do
+        read -r _ status check detail <<<"$line"
+        result "$status" "$name/$check" "$detail"
+    done < <(tr -d '\r' <"$console" | grep -E '^VDI-RESULT (PASS|FAIL|SKIP) ')
+    for c in sva-probe fake-bind attach-table fake-dma-fill fake-latency fake-dma-read fake-readonly \
+        invalidate-munmap fake-munmap page-groups page-resp-once fake-events exit-order \
+        fake-child-exit unbind-order fake-unbind fake-timeout fake-state-clean fake-broken \
+        kernel-healthy module-unload; do
+        { tr -d '\r' <"$console" | grep -Eq "^VDI-RESULT (PASS|FAIL|SKIP) $c( |\$)"; } ||
+            grep -Eq "^(PASS|FAIL) $c( |\$)" "$dir/driver.out" ||
+            result FAIL "$name/$c" "not reported (see $console, $dir/driver.out)"
+    done
+    if [[ $failed -gt $failed_before ]]; then
+        echo "     $name: last console lines ($console):"
+        tr -d '\r' <"$console" | grep -v '^$' | tail -n 25 | sed 's/^/       /'
+        echo "     $name: driver ($dir/driver.out), fake device ($dir/fake.log):"
+        tail -n 5 "$dir/driver.out" "$dir/fake.log" | sed 's/^/       /'
+    fi
+}
+
 for i in $kernels; do
     label="${VDI_KERNEL_LABELS[$i]}"
     if [[ -z "${VDI_KBUILD_DIRS[$i]:-}" ]]; then
@@ -224,6 +295,7 @@ for i in $kernels; do
     fi
     result PASS "$label/module-build" "viommu_sva.ko for ${VDI_KERNEL_RELEASES[$i]} ($(tail -n 1 "${VDI_KBUILD_DIRS[$i]}/cc" | cut -d' ' -f1)), no warning"
     boot "$i" "$ko_dir"
+    fake_boot "$i" "$ko_dir"
 done
 
 if [[ $failed -gt 0 || "${VDI_GUEST_KEEP_LOGS:-0}" == 1 ]]; then

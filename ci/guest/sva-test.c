@@ -16,6 +16,10 @@
  *                                       the DMA test device at endpoint EP
  *   sva-test bench EP [--mib N]         fill throughput, resident and on
  *                                       demand; page-request handling time
+ *   sva-test fake EP EP2 --hold FD      the SVA path against
+ *                                       ci/fake-sva-device.py, in lock step
+ *                                       with its driver (VDI-WAIT steps, the
+ *                                       host's answers read from FD)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -750,13 +754,311 @@ static int cmd_bench(uint32_t ep, size_t mib)
 	return 0;
 }
 
+/* ------------------------------------------------- fake device ----- */
+
+static int host_fd = -1;
+static char host_reply[512];
+
+/* Announce a step, wait for the host's "go key=value ..." answer */
+static const char *host(const char *fmt, ...)
+{
+	size_t n = 0;
+	va_list ap;
+	char c;
+
+	printf("VDI-WAIT ");
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	fflush(stdout);
+	host_reply[0] = 0;
+	while (n + 1 < sizeof(host_reply) && read(host_fd, &c, 1) == 1 && c != '\n')
+		host_reply[n++] = c;
+	host_reply[n] = 0;
+	printf("VDI-GO %s\n", host_reply);
+	return host_reply;
+}
+
+static long long kv(const char *reply, const char *key)
+{
+	char pat[32];
+	const char *p;
+
+	snprintf(pat, sizeof(pat), " %s=", key);
+	p = strstr(reply, pat);
+	return p ? strtoll(p + strlen(pat), NULL, 0) : -1;
+}
+
+static int kv_is(const char *reply, const char *key, const char *val)
+{
+	char pat[64];
+
+	snprintf(pat, sizeof(pat), " %s=%s", key, val);
+	return strstr(reply, pat) != NULL;
+}
+
+#define D(f)	((unsigned long long)(s1.f - s0.f))
+
+static void fake_dma_fill(struct ctx *c, int pasid)
+{
+	const size_t len = 4 * MIB, pages = len / PAGE;
+	struct viommu_sva_stats s0, s1;
+	unsigned char *b = map_anon(len);
+	const char *r;
+	size_t i, bad = 0;
+	unsigned int sum = 0;
+
+	struct viommu_sva_latency lat = { .reset = 1 };
+	static uint32_t samples[2048];
+
+	ioctl(c->fd, VIOMMU_SVA_IOC_LATENCY, &lat);	/* clear */
+	get_stats(c->fd, &s0);
+	r = host("dma ep=%u pasid=%d addr=%#lx len=%zu write=1 byte=0x5a",
+		 c->ep, pasid, (unsigned long)b, len);
+	get_stats(c->fd, &s1);
+	lat.max = 2048;
+	lat.samples = (uintptr_t)samples;
+	if (ioctl(c->fd, VIOMMU_SVA_IOC_LATENCY, &lat) || lat.count != pages) {
+		FAIL("fake-latency", "%u samples for %zu page requests: %s", lat.count, pages,
+		     strerror(errno));
+	} else {
+		qsort(samples, lat.count, sizeof(*samples), cmp_u32);
+		PASS("fake-latency", "%u page requests, record arrival to PAGE_RESP completion p50 %.1f us, p99 %.1f us (Python device: not a benchmark)",
+		     lat.count, samples[lat.count / 2] / 1e3,
+		     samples[(size_t)lat.count * 99 / 100] / 1e3);
+	}
+	for (i = 0; i < len; i++)
+		bad += b[i] != 0x5a;
+	if (!kv_is(r, "status", "done") || bad || kv(r, "requests") != (long long)pages ||
+	    D(page_groups) != pages || D(resp_success) != pages || resident(b, len) != pages)
+		FAIL("fake-dma-fill", "'%s': %zu bad bytes, %llu groups, %llu SUCCESS, %zu resident",
+		     r, bad, D(page_groups), D(resp_success), resident(b, len));
+	else
+		PASS("fake-dma-fill", "4 MiB never touched: %zu page requests, each faulted in and answered SUCCESS, every byte written through the walked tables",
+		     pages);
+
+	/* The device reads what is resident without asking */
+	for (i = 0; i < len; i++)
+		b[i] = (unsigned char)(i * 13);
+	for (i = 0; i < len; i++)
+		sum += b[i];
+	r = host("dma ep=%u pasid=%d addr=%#lx len=%zu write=0", c->ep, pasid,
+		 (unsigned long)b, len);
+	if (!kv_is(r, "status", "done") || kv(r, "requests") != 0 ||
+	    (unsigned int)kv(r, "sum") != sum)
+		FAIL("fake-dma-read", "'%s', expected sum=%u requests=0", r, sum);
+	else
+		PASS("fake-dma-read", "device read of 4 MiB resident: sum %u, no page request", sum);
+	munmap(b, len);
+}
+
+static void fake_readonly(struct ctx *c, int pasid)
+{
+	struct viommu_sva_stats s0, s1;
+	size_t len = 4 * PAGE, i, bad = 0;
+	unsigned char *b = mmap(NULL, len, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	const char *r;
+
+	get_stats(c->fd, &s0);
+	r = host("dma ep=%u pasid=%d addr=%#lx len=%zu write=1 byte=0x77",
+		 c->ep, pasid, (unsigned long)b, len);
+	get_stats(c->fd, &s1);
+	for (i = 0; i < len; i++)
+		bad += b[i] != 0;
+	if (!kv_is(r, "status", "fault") || kv(r, "fault_addr") != (long long)(uintptr_t)b ||
+	    kv(r, "code") != 1 || bad || D(resp_invalid) != 1)
+		FAIL("fake-readonly", "'%s', %zu bytes changed, %llu INVALID", r, bad, D(resp_invalid));
+	else
+		PASS("fake-readonly", "write to a PROT_READ mapping: page request answered INVALID, device fault at its first page, memory unchanged");
+	munmap(b, len);
+}
+
+static void fake_munmap(struct ctx *c, int pasid, unsigned char **keep, unsigned long *hole_out)
+{
+	const size_t pages = 32, hole = 8, hole_len = 8;
+	size_t len = pages * PAGE, i, wrong = 0;
+	unsigned char *b = map_anon(len);
+	unsigned long h = (unsigned long)b + hole * PAGE;
+	const char *r;
+
+	memset(b, 0x11, len);
+	munmap(b + hole * PAGE, hole_len * PAGE);
+	host("invalidate pasid=%d addr=%#lx len=%zu", pasid, h, hole_len * PAGE);
+	r = host("dma ep=%u pasid=%d addr=%#lx len=%zu write=1 byte=0xa5",
+		 c->ep, pasid, (unsigned long)b, len);
+	for (i = 0; i < hole * PAGE; i++)
+		wrong += b[i] != 0xa5;
+	for (i = (hole + hole_len) * PAGE; i < len; i++)
+		wrong += b[i] != 0x11;
+	if (!kv_is(r, "status", "fault") || kv(r, "fault_addr") != (long long)h ||
+	    kv(r, "done") != (long long)(hole * PAGE) || wrong)
+		FAIL("fake-munmap", "'%s', %zu wrong bytes", r, wrong);
+	else
+		PASS("fake-munmap", "munmap sent INVALIDATE; device write over the hole: fault at the hole, %zu bytes before it written, nothing after",
+		     hole * PAGE);
+	*keep = b + (hole + hole_len) * PAGE;	/* 16 resident pages */
+	*hole_out = h;
+}
+
+static void fake_events(struct ctx *c, int pasid, unsigned char *mapped, unsigned long hole)
+{
+	struct viommu_sva_stats s0, s1;
+	const char *r;
+
+	get_stats(c->fd, &s0);
+	r = host("events ep=%u pasid=%d addr=%#lx hole=%#lx", c->ep, pasid,
+		 (unsigned long)mapped, hole);
+	get_stats(c->fd, &s1);
+	/* 3 groups (3 + 3 + 1 records), a stop marker, a fault, 4 bad records */
+	if (D(page_requests) != 8 || D(page_groups) != 3 || D(stop_markers) != 1 ||
+	    D(resp_success) != 1 || D(resp_invalid) != 2 || D(faults) != 1 ||
+	    D(bad_events) != 4)
+		FAIL("fake-events", "'%s': requests +%llu groups +%llu stop +%llu SUCCESS +%llu INVALID +%llu faults +%llu bad +%llu",
+		     r, D(page_requests), D(page_groups), D(stop_markers),
+		     D(resp_success), D(resp_invalid), D(faults), D(bad_events));
+	else
+		PASS("fake-events", "8 page requests in 3 groups answered SUCCESS, INVALID (a page unmapped), INVALID (PASID not bound); stop marker consumed; fault logged; 4 malformed records dropped");
+}
+
+static void fake_child(struct ctx *c)
+{
+	struct viommu_sva_stats s0, s1;
+	int status;
+	pid_t pid;
+
+	get_stats(c->fd, &s0);
+	pid = fork();
+	if (pid == 0) {
+		struct viommu_sva_bind b = { .endpoint = c->ep };
+		int fd = open_dev();
+		void *buf = map_anon(MIB);
+
+		if (fd < 0 || !buf || ioctl(fd, VIOMMU_SVA_IOC_BIND, &b))
+			_exit(2);
+		/* The host leaves a request of ours open; we exit under it */
+		host("child ep=%u pasid=%u addr=%#lx", c->ep, b.pasid, (unsigned long)buf);
+		_exit(0);
+	}
+	waitpid(pid, &status, 0);
+	host("child-gone");
+	get_stats(c->fd, &s1);
+	if (!WIFEXITED(status) || WEXITSTATUS(status) || D(mm_releases) != 1 ||
+	    s1.live_mms != s0.live_mms || s1.live_bonds != s0.live_bonds ||
+	    D(pasid_frees) != 1 || D(binds) != 1 || D(unbinds) != 1)
+		FAIL("fake-child-exit", "status %#x, mm releases +%llu, mms %u->%u, bonds %u->%u, frees +%llu, binds +%llu, unbinds +%llu",
+		     status, D(mm_releases), s0.live_mms, s1.live_mms, s0.live_bonds,
+		     s1.live_bonds, D(pasid_frees), D(binds), D(unbinds));
+	else
+		PASS("fake-child-exit", "child exited with a page request open: release flushed and detached, close freed the PASID");
+}
+
+static void fake_timeout(struct ctx *c)
+{
+	struct viommu_sva_ep_info e = { .endpoint = 0x2a };
+	struct timespec t0, t1;
+	double secs;
+	int err;
+
+	host("stall type=5 ms=2500");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	errno = 0;
+	ioctl(c->fd, VIOMMU_SVA_IOC_PROBE_EP, &e);
+	err = errno;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	secs = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+	sleep(2);
+	errno = 0;
+	ioctl(c->fd, VIOMMU_SVA_IOC_PROBE_EP, &e);
+	if (err != ETIMEDOUT || secs > 1.9 || errno != ENOENT)
+		FAIL("fake-timeout", "stalled PROBE: %s after %.2f s; then %s",
+		     strerror(err), secs, strerror(errno));
+	else
+		PASS("fake-timeout", "stalled PROBE gave up after %.2f s (ETIMEDOUT); its late answer was absorbed, the next PROBE got S_NOENT -> ENOENT",
+		     secs);
+}
+
+/* The last step: an INVALIDATE that never completes breaks the device */
+static void fake_broken(struct ctx *c)
+{
+	struct viommu_sva_bind b = { .endpoint = c->ep };
+	struct viommu_sva_pasid p = { 0 };
+	unsigned char *buf = map_anon(4 * PAGE);
+	struct timespec t0, t1;
+	double secs;
+
+	memset(buf, 1, 4 * PAGE);
+	if (ioctl(c->fd, VIOMMU_SVA_IOC_BIND, &b)) {
+		FAIL("fake-broken", "BIND: %s", strerror(errno));
+		return;
+	}
+	host("stall type=7 ms=4000");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	munmap(buf, PAGE);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	secs = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+	errno = 0;
+	if (!ioctl(c->fd, VIOMMU_SVA_IOC_PASID_ALLOC, &p) || errno != EIO || secs > 3)
+		FAIL("fake-broken", "munmap took %.2f s; then PASID_ALLOC: %s", secs,
+		     strerror(errno));
+	else
+		PASS("fake-broken", "an INVALIDATE never completed: munmap returned after %.2f s, the device is marked broken, requests fail with EIO",
+		     secs);
+	/* Its late completion comes back into a live ring: freed, no harm */
+	sleep(3);
+}
+
+static int cmd_fake(uint32_t ep, uint32_t ep2, int hold)
+{
+	struct viommu_sva_bind b = { .endpoint = ep }, b2 = { .endpoint = ep2 };
+	struct viommu_sva_info info;
+	unsigned char *mapped;
+	unsigned long hole;
+	struct ctx c = { .ep = ep };
+
+	host_fd = hold;
+	c.fd = open_dev();
+	if (c.fd < 0 || get_info(c.fd, &info) || !(info.flags & VIOMMU_SVA_INFO_CAN_BIND)) {
+		FAIL("fake-bind", "no /dev/viommu-sva or cannot bind (features %#llx)",
+		     (unsigned long long)info.features);
+		return 1;
+	}
+	if (ioctl(c.fd, VIOMMU_SVA_IOC_BIND, &b) || ioctl(c.fd, VIOMMU_SVA_IOC_BIND, &b2) ||
+	    b.pasid != b2.pasid || b.domain != b2.domain) {
+		FAIL("fake-bind", "BIND %#x/%#x: %s; pasids %u/%u domains %u/%u", ep, ep2,
+		     strerror(errno), b.pasid, b2.pasid, b.domain, b2.domain);
+		return 1;
+	}
+	PASS("fake-bind", "endpoints %#x and %#x: one PASID %u, one domain %u (top of [%u, %u]), addr_width %u",
+	     ep, ep2, b.pasid, b.domain, info.domain_start, info.domain_end, b.addr_width);
+	host("bind ep=%u ep2=%u pasid=%u", ep, ep2, b.pasid);
+
+	fake_dma_fill(&c, b.pasid);
+	fake_readonly(&c, b.pasid);
+	fake_munmap(&c, b.pasid, &mapped, &hole);
+	fake_events(&c, b.pasid, mapped, hole);
+	fake_child(&c);
+
+	if (ioctl(c.fd, VIOMMU_SVA_IOC_UNBIND, &b2) || ioctl(c.fd, VIOMMU_SVA_IOC_UNBIND, &b))
+		FAIL("fake-unbind", "UNBIND: %s", strerror(errno));
+	else
+		PASS("fake-unbind", "both endpoints unbound");
+	host("unbind ep=%u ep2=%u pasid=%u", ep, ep2, b.pasid);
+	fake_timeout(&c);
+	host("state");
+	fake_broken(&c);
+	close(c.fd);
+	return nfail != 0;
+}
+
 /* ------------------------------------------------------------- main --- */
 
 static void usage(void)
 {
 	fprintf(stderr,
 		"usage: sva-test info | probe-ep EP | pasid [--hold FD] | bind EP |\n"
-		"                sva EP [--fill-mib N] | bench EP [--mib N]\n");
+		"                sva EP [--fill-mib N] | bench EP [--mib N] |\n"
+		"                fake EP EP2 --hold FD\n");
 	exit(2);
 }
 
@@ -790,6 +1092,8 @@ int main(int argc, char **argv)
 		return cmd_sva(ep, mib);
 	if (!strcmp(argv[1], "bench") && argc >= 3)
 		return cmd_bench(ep, mib);
+	if (!strcmp(argv[1], "fake") && argc >= 4 && hold >= 0)
+		return cmd_fake(ep, strtoul(argv[3], NULL, 0), hold);
 	usage();
 	return 2;
 }

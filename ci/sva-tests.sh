@@ -184,7 +184,7 @@ boot() { # KERNEL_INDEX KO_DIR
     tr -d '\r' <"$console" | grep '^VDI-BENCH ' | sed "s/^/     $name: /" || true
     local c
     for c in sva-probe sva-features sva-probe-ep pasid-alloc pasid-range pasid-errno pasid-free \
-        pasid-close sva-bind sva-fill sva-copy sva-checksum sva-munmap sva-child-exit sva-healthy \
+        pasid-close dma-device sva-bind sva-fill sva-copy sva-checksum sva-munmap sva-child-exit sva-healthy \
         sva-unbind kernel-healthy module-unload; do
         tr -d '\r' <"$console" | grep -Eq "^VDI-RESULT (PASS|FAIL|SKIP) $c( |\$)" ||
             result FAIL "$name/$c" "not reported (see $console)"

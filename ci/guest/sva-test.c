@@ -10,6 +10,9 @@
  *   sva-test pasid [--hold FD]          PASID_ALLOC/PASID_FREE round trips;
  *                                       with --hold, prints the PASIDs held
  *                                       and waits for a line on FD first
+ *   sva-test dmadev EP                  the DMA test device: bound by the
+ *                                       module, idle, SUBMIT refused without
+ *                                       a binding
  *   sva-test bind EP                    BIND: refused cleanly without
  *                                       F_ATTACH_TABLE, or bound (+UNBIND)
  *   sva-test sva EP [--fill-mib N]      the SVA checks of issue 14 through
@@ -302,6 +305,38 @@ static int cmd_bind(uint32_t ep)
 		FAIL("unbind", "UNBIND: %s", strerror(errno));
 	else
 		PASS("unbind", "endpoint %#x pasid %u", ep, b.pasid);
+	close(fd);
+	return 0;
+}
+
+/* ------------------------------------------------------- DMA device --- */
+
+static int cmd_dmadev(uint32_t ep)
+{
+	struct viommu_sva_submit w = { .endpoint = ep, .timeout_ms = 100 };
+	struct viommu_sva_submit s = { .endpoint = ep, .op = VIOMMU_SVA_OP_FILL, .len = 8 };
+	int fd = open_dev();
+
+	if (fd < 0) {
+		FAIL("dma-device", "cannot open %s", DEV_PATH);
+		return 1;
+	}
+	if (ioctl(fd, VIOMMU_SVA_IOC_WAIT, &w)) {
+		if (errno == ENODEV)
+			SKIP("dma-device", "no DMA test device (1234:d3a0) with endpoint %#x", ep);
+		else
+			FAIL("dma-device", "WAIT: %s", strerror(errno));
+		close(fd);
+		return 0;
+	}
+	errno = 0;
+	if (w.status != VIOMMU_SVA_ST_IDLE || !ioctl(fd, VIOMMU_SVA_IOC_SUBMIT, &s) ||
+	    errno != ENOTCONN)
+		FAIL("dma-device", "status %u; SUBMIT without a binding: %s", w.status,
+		     strerror(errno));
+	else
+		PASS("dma-device", "endpoint %#x: device idle, SUBMIT without a binding -> ENOTCONN",
+		     ep);
 	close(fd);
 	return 0;
 }
@@ -1056,7 +1091,7 @@ static int cmd_fake(uint32_t ep, uint32_t ep2, int hold)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: sva-test info | probe-ep EP | pasid [--hold FD] | bind EP |\n"
+		"usage: sva-test info | probe-ep EP | pasid [--hold FD] | dmadev EP | bind EP |\n"
 		"                sva EP [--fill-mib N] | bench EP [--mib N] |\n"
 		"                fake EP EP2 --hold FD\n");
 	exit(2);
@@ -1086,6 +1121,8 @@ int main(int argc, char **argv)
 		return cmd_probe_ep(ep);
 	if (!strcmp(argv[1], "pasid"))
 		return cmd_pasid(hold);
+	if (!strcmp(argv[1], "dmadev") && argc >= 3)
+		return cmd_dmadev(ep);
 	if (!strcmp(argv[1], "bind") && argc >= 3)
 		return cmd_bind(ep);
 	if (!strcmp(argv[1], "sva") && argc >= 3)

@@ -55,7 +55,15 @@ sva-test probe-ep "$EP"
 #    PASIDs while they are held.
 sva-test pasid --hold 3
 
-# 5. BIND: refused (with the missing feature in dmesg) by today's daemon.
+# 5. The DMA test device, if there: bound by viommu_sva's PCI driver.
+d=/sys/bus/pci/devices/0000:00:05.0
+if [ "$(cat $d/vendor 2>/dev/null):$(cat $d/device 2>/dev/null)" = "0x1234:0xd3a0" ]; then
+    kmsg | grep -m1 'DMA test device v' | sed 's/^/VDI-DMESG: /'
+    echo "VDI-INFO 00:05.0 driver: $(basename "$(readlink $d/driver)")"
+fi
+sva-test dmadev "$EP"
+
+# 6. BIND: refused (with the missing feature in dmesg) by today's daemon.
 sva-test bind "$EP" | tee /tmp/bind.out
 if grep -q '^VDI-RESULT PASS bind-refused' /tmp/bind.out; then
     why="$(kmsg | grep -m1 'BIND refused')"
@@ -65,12 +73,12 @@ if grep -q '^VDI-RESULT PASS bind-refused' /tmp/bind.out; then
     esac
 fi
 
-# 6. The SVA checks of issue 14 (SKIP with the reason until the daemon and
+# 7. The SVA checks of issue 14 (SKIP with the reason until the daemon and
 #    the DMA test device support PASIDs).
 sva-test sva "$EP" --fill-mib "$FILL"
 [ "$BENCH" = 1 ] && sva-test bench "$EP" --mib "$FILL"
 
-# 7. No oops, warning, lost event or broken device.
+# 8. No oops, warning, lost event or broken device.
 bad="$(kmsg | grep -E 'BUG:|WARNING:|Oops|general protection|refcount_t|device marked broken|event lost|no answer within' | head -n 5)"
 if [ -z "$bad" ]; then
     pass kernel-healthy "no oops, warning, lost event or timed-out request"
@@ -78,7 +86,7 @@ else
     fail kernel-healthy "$(echo "$bad" | tr '\n' '|')"
 fi
 
-# 8. Unbinding the driver from the device (module removal) is clean.
+# 9. Unbinding the driver from the device (module removal) is clean.
 if rmmod viommu_sva 2>/tmp/rmmod.err && [ ! -e /dev/viommu-sva ] &&
     kmsg | grep -q 'viommu_sva virtio[0-9]*: device removed'; then
     pass module-unload "rmmod: device removed, /dev/viommu-sva gone"

@@ -1884,6 +1884,7 @@ static int sva_dmadev_poll(struct sva_dmadev *dd, struct viommu_sva_submit *op,
 {
 	unsigned int ms = op->timeout_ms ?: dma_timeout_ms;
 	ktime_t deadline = ktime_add_ms(t0, ms);
+	unsigned long delay_us = 20;
 	u32 status;
 
 	for (;;) {
@@ -1897,7 +1898,9 @@ static int sva_dmadev_poll(struct sva_dmadev *dd, struct viommu_sva_submit *op,
 			return -ETIMEDOUT;
 		if (fatal_signal_pending(current))
 			return -EINTR;
-		usleep_range(20, 100);
+		/* Short operations answer in microseconds, long ones take seconds */
+		usleep_range(delay_us, 2 * delay_us);
+		delay_us = min(2 * delay_us, 1000UL);
 	}
 	dd->inflight = false;
 	sva_dmadev_read(dd, op);
@@ -2033,11 +2036,18 @@ static void sva_dmadev_remove(struct pci_dev *pdev)
 {
 	struct sva_dmadev *dd = pci_get_drvdata(pdev);
 
+	/*
+	 * Whoever found @dd in the list holds dd->lock already (it is taken
+	 * before the list lock is dropped): wait for them, then nobody can.
+	 */
 	mutex_lock(&sva_dmadevs_lock);
 	list_del(&dd->node);
+	mutex_lock(&dd->lock);
 	mutex_unlock(&sva_dmadevs_lock);
 	pci_clear_master(pdev);
 	pci_iounmap(pdev, dd->regs);
+	dd->regs = NULL;
+	mutex_unlock(&dd->lock);
 	pci_release_region(pdev, 0);
 	pci_disable_device(pdev);
 }

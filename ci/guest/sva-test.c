@@ -120,6 +120,32 @@ static size_t resident(void *p, size_t len)
 	return r;
 }
 
+static uint64_t answered(const struct viommu_sva_stats *s)
+{
+	return s->resp_success + s->resp_invalid + s->resp_failure +
+	       s->resp_stale + s->resp_errors;
+}
+
+/*
+ * Counters after s0 once every page-request group raised since then (at
+ * least @groups of them) has its PAGE_RESP completed: the device may act
+ * on a response before the guest has seen its completion.  Waits 3 s at
+ * most.
+ */
+static void settle(int fd, const struct viommu_sva_stats *s0,
+		   struct viommu_sva_stats *s1, uint64_t groups)
+{
+	int i;
+
+	for (i = 0; i < 300; i++) {
+		get_stats(fd, s1);
+		if (s1->page_groups - s0->page_groups >= groups &&
+		    answered(s1) - answered(s0) >= s1->page_groups - s0->page_groups)
+			return;
+		usleep(10000);
+	}
+}
+
 /* ------------------------------------------------------------ info --- */
 
 static int cmd_info(void)
@@ -399,7 +425,7 @@ static void check_fill(struct ctx *c, size_t mib)
 		FAIL("sva-fill", "SUBMIT: %s", strerror(errno));
 		goto out;
 	}
-	get_stats(c->fd, &s1);
+	settle(c->fd, &s0, &s1, 0);
 	for (i = 0; i < len / 8; i++)
 		bad += w[i] != pat;
 	if (s.status != VIOMMU_SVA_ST_DONE || s.done_bytes != len || bad ||
@@ -444,7 +470,7 @@ static void check_copy(struct ctx *c)
 		FAIL("sva-copy", "SUBMIT: %s", strerror(errno));
 		goto out;
 	}
-	get_stats(c->fd, &s1);
+	settle(c->fd, &s0, &s1, 0);
 	for (i = 0; i < pages; i++) {
 		unsigned char want = i % 2 ? 0 : ((i & 0xff) | 1);
 		size_t k;
@@ -510,7 +536,7 @@ static void check_munmap(struct ctx *c)
 		FAIL("sva-munmap", "SUBMIT: %s", strerror(errno));
 		goto out;
 	}
-	get_stats(c->fd, &s1);
+	settle(c->fd, &s0, &s1, 1);
 	done = s.done_bytes;
 	/* Before the hole: written up to done_bytes; after it: untouched */
 	for (i = 0; i < hole * PAGE; i++)
@@ -589,8 +615,7 @@ static void check_child_exit(struct ctx *c)
 		if (!ioctl(c->fd, VIOMMU_SVA_IOC_WAIT, &w))
 			break;
 	}
-	usleep(200000);
-	get_stats(c->fd, &s1);
+	settle(c->fd, &s0, &s1, 0);
 	{
 		unsigned long long groups = s1.page_groups - s0.page_groups;
 		unsigned long long answered =
@@ -851,7 +876,7 @@ static void fake_dma_fill(struct ctx *c, int pasid)
 	get_stats(c->fd, &s0);
 	r = host("dma ep=%u pasid=%d addr=%#lx len=%zu write=1 byte=0x5a",
 		 c->ep, pasid, (unsigned long)b, len);
-	get_stats(c->fd, &s1);
+	settle(c->fd, &s0, &s1, pages);
 	lat.max = 2048;
 	lat.samples = (uintptr_t)samples;
 	if (ioctl(c->fd, VIOMMU_SVA_IOC_LATENCY, &lat) || lat.count != pages) {
@@ -898,7 +923,7 @@ static void fake_readonly(struct ctx *c, int pasid)
 	get_stats(c->fd, &s0);
 	r = host("dma ep=%u pasid=%d addr=%#lx len=%zu write=1 byte=0x77",
 		 c->ep, pasid, (unsigned long)b, len);
-	get_stats(c->fd, &s1);
+	settle(c->fd, &s0, &s1, 1);
 	for (i = 0; i < len; i++)
 		bad += b[i] != 0;
 	if (!kv_is(r, "status", "fault") || kv(r, "fault_addr") != (long long)(uintptr_t)b ||
@@ -944,7 +969,13 @@ static void fake_events(struct ctx *c, int pasid, unsigned char *mapped, unsigne
 	get_stats(c->fd, &s0);
 	r = host("events ep=%u pasid=%d addr=%#lx hole=%#lx", c->ep, pasid,
 		 (unsigned long)mapped, hole);
-	get_stats(c->fd, &s1);
+	/* The stop marker, the fault and the bad records follow the groups */
+	for (int i = 0; i < 300; i++) {
+		settle(c->fd, &s0, &s1, 3);
+		if (D(bad_events) >= 4 && D(faults) >= 1 && D(stop_markers) >= 1)
+			break;
+		usleep(10000);
+	}
 	/* 3 groups (3 + 3 + 1 records), a stop marker, a fault, 4 bad records */
 	if (D(page_requests) != 8 || D(page_groups) != 3 || D(stop_markers) != 1 ||
 	    D(resp_success) != 1 || D(resp_invalid) != 2 || D(faults) != 1 ||

@@ -600,8 +600,9 @@ static void sva_async_done(struct sva_dev *sdev, struct sva_req *req)
 	u8 status = sva_req_status(req);
 
 	if (status == VIRTIO_IOMMU_S_OK) {
-		atomic64_inc(&sdev->stats.resp[req->code]);
+		/* Sample first: a reader who sees the count finds the sample */
 		sva_lat_record(sdev, ktime_get_ns() - req->t0);
+		atomic64_inc(&sdev->stats.resp[req->code]);
 	} else if (status == VIRTIO_IOMMU_S_NOENT) {
 		/* The group was answered for us (DETACH_TABLE, reset) */
 		atomic64_inc(&sdev->stats.resp_stale);

@@ -7,27 +7,61 @@ use std::{fmt, ops::RangeInclusive, str::FromStr};
 use thiserror::Error;
 use vm_memory::ByteValued;
 
-use crate::wire::*;
+use crate::{
+    parse::{parse_u32, parse_u32_range, ParseError},
+    wire::*,
+};
 
 /// Invalid device configuration.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// No page size at all.
     #[error("page_size_mask must have at least one bit set")]
     EmptyPageSizeMask,
+    /// `input_range` start above its end.
     #[error("input range {0:#x}-{1:#x} is empty")]
     EmptyInputRange(u64, u64),
+    /// `domain_range` start above its end.
     #[error("domain range {0}-{1} is empty")]
     EmptyDomainRange(u32, u32),
+    /// The PROBE area cannot hold the properties the device reports.
     #[error("probe_size {size} cannot hold the {need} bytes of properties")]
-    ProbeSizeTooSmall { size: u32, need: usize },
+    ProbeSizeTooSmall {
+        /// The configured size.
+        size: u32,
+        /// Bytes of properties.
+        need: usize,
+    },
+    /// A PROBE area beyond [`MAX_PROBE_SIZE`].
     #[error("probe_size {0} is above the limit of {MAX_PROBE_SIZE} bytes")]
     ProbeSizeTooLarge(u32),
+    /// An IOVA width the device cannot have.
     #[error("input range bits must be between 12 and 64, got {0}")]
     InputRangeBits(u32),
-    #[error("invalid endpoint list `{0}`: {1}")]
-    EndpointList(String, String),
-    #[error("invalid domain range `{0}`: expected A-B with A <= B")]
-    DomainRangeSyntax(String),
+    /// An item of an endpoint list is not an ID or a range.
+    #[error("invalid endpoint list `{list}`")]
+    EndpointList {
+        /// The whole list.
+        list: String,
+        /// What is wrong with the item.
+        #[source]
+        source: ParseError,
+    },
+    /// An endpoint list with an empty item (`1,,2`).
+    #[error("invalid endpoint list `{0}`: empty item")]
+    EmptyEndpointItem(String),
+    /// Not a domain range.
+    #[error("invalid domain range")]
+    DomainRange(#[source] ParseError),
+    /// The smallest page size is larger than the whole IOVA space.
+    #[error("the granule ({granule:#x} bytes, lowest bit of page_size_mask) is larger than the input range")]
+    GranuleTooLarge {
+        /// The granule.
+        granule: u64,
+    },
+    /// Zero of something the device needs at least one of.
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
 }
 
 /// Largest `probe_size` the device accepts; PROBE buffers are built in memory.
@@ -44,6 +78,7 @@ impl EndpointSet {
         EndpointSet(vec![0..=0xffff])
     }
 
+    /// The set of IDs in `ranges` (in any order, overlapping or not).
     pub fn from_ranges(mut ranges: Vec<RangeInclusive<u32>>) -> Self {
         ranges.sort_by_key(|r| *r.start());
         let mut merged: Vec<RangeInclusive<u32>> = Vec::with_capacity(ranges.len());
@@ -58,21 +93,15 @@ impl EndpointSet {
         EndpointSet(merged)
     }
 
+    /// Whether endpoint `id` exists.
     pub fn contains(&self, id: u32) -> bool {
         let i = self.0.partition_point(|r| *r.end() < id);
         self.0.get(i).is_some_and(|r| r.contains(&id))
     }
 
+    /// The sorted, disjoint ranges of the set.
     pub fn ranges(&self) -> &[RangeInclusive<u32>] {
         &self.0
-    }
-}
-
-fn parse_u32(s: &str) -> Option<u32> {
-    let s = s.trim();
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16).ok(),
-        None => s.parse().ok(),
     }
 }
 
@@ -81,26 +110,21 @@ impl FromStr for EndpointSet {
 
     /// Comma-separated IDs or inclusive ranges, decimal or hex: `0x20-0x27,5`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |why: &str| ConfigError::EndpointList(s.to_string(), why.to_string());
+        let err = |source| ConfigError::EndpointList {
+            list: s.to_string(),
+            source,
+        };
         let mut ranges = Vec::new();
         for item in s.split(',') {
             let item = item.trim();
             if item.is_empty() {
-                return Err(err("empty item"));
+                return Err(ConfigError::EmptyEndpointItem(s.to_string()));
             }
-            let range = match item.split_once('-') {
-                Some((a, b)) => {
-                    let a = parse_u32(a).ok_or_else(|| err(&format!("bad number in `{item}`")))?;
-                    let b = parse_u32(b).ok_or_else(|| err(&format!("bad number in `{item}`")))?;
-                    if a > b {
-                        return Err(err(&format!("range `{item}` is reversed")));
-                    }
-                    a..=b
-                }
-                None => {
-                    let a = parse_u32(item).ok_or_else(|| err(&format!("bad number `{item}`")))?;
-                    a..=a
-                }
+            let range = if item.contains('-') {
+                parse_u32_range(item).map_err(err)?
+            } else {
+                let a = parse_u32(item).map_err(err)?;
+                a..=a
             };
             ranges.push(range);
         }
@@ -126,20 +150,16 @@ impl fmt::Display for EndpointSet {
 
 /// Parses a domain range `A-B` (decimal or hex, inclusive).
 pub fn parse_domain_range(s: &str) -> Result<(u32, u32), ConfigError> {
-    let err = || ConfigError::DomainRangeSyntax(s.to_string());
-    let (a, b) = s.split_once('-').ok_or_else(err)?;
-    let (a, b) = (parse_u32(a).ok_or_else(err)?, parse_u32(b).ok_or_else(err)?);
-    if a > b {
-        return Err(err());
-    }
-    Ok((a, b))
+    let r = parse_u32_range(s).map_err(ConfigError::DomainRange)?;
+    Ok((*r.start(), *r.end()))
 }
 
 /// A RESV_MEM region reported by PROBE for every endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReservedRegion {
+    /// First address.
     pub start: u64,
-    /// Inclusive.
+    /// Last address (inclusive).
     pub end: u64,
     /// `VIRTIO_IOMMU_RESV_MEM_T_*`.
     pub subtype: u8,
@@ -177,6 +197,9 @@ pub struct DeviceConfig {
     pub max_domains: usize,
     /// At most this many mappings per domain.
     pub max_mappings_per_domain: usize,
+    /// Offer `VIRTIO_IOMMU_F_PASID_ALLOC` (the daemon has a host-wide
+    /// PASID allocator for the guest).
+    pub pasid_alloc: bool,
 }
 
 impl Default for DeviceConfig {
@@ -198,6 +221,7 @@ impl Default for DeviceConfig {
             },
             max_domains: 65536,
             max_mappings_per_domain: 1 << 20,
+            pasid_alloc: false,
         }
     }
 }
@@ -214,11 +238,22 @@ impl DeviceConfig {
                 self.input_range.1,
             ));
         }
+        if self.granule() - 1 > self.input_range.1 - self.input_range.0 {
+            return Err(ConfigError::GranuleTooLarge {
+                granule: self.granule(),
+            });
+        }
         if self.domain_range.0 > self.domain_range.1 {
             return Err(ConfigError::EmptyDomainRange(
                 self.domain_range.0,
                 self.domain_range.1,
             ));
+        }
+        if self.max_domains == 0 {
+            return Err(ConfigError::Zero("max_domains"));
+        }
+        if self.max_mappings_per_domain == 0 {
+            return Err(ConfigError::Zero("max_mappings_per_domain"));
         }
         if self.probe_size > MAX_PROBE_SIZE {
             return Err(ConfigError::ProbeSizeTooLarge(self.probe_size));
@@ -260,6 +295,9 @@ impl DeviceConfig {
         }
         if self.bypass_config {
             f |= 1 << VIRTIO_IOMMU_F_BYPASS_CONFIG;
+        }
+        if self.pasid_alloc {
+            f |= 1 << VIRTIO_IOMMU_F_PASID_ALLOC;
         }
         f
     }

@@ -8,26 +8,31 @@
 //! It never panics on guest input: malformed requests are dropped (used
 //! length 0) and refused ones carry a status code.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::collections::HashMap;
 
 use log::{debug, trace};
+use thiserror::Error;
 use vm_memory::ByteValued;
 
 use crate::{
+    change::StateChange,
     config::DeviceConfig,
     error::{status_of, RequestError},
     mapping::{Mapping, MappingTree},
-    pasid::PasidProvider,
+    pasid::{Pasid, PasidError},
     wire::*,
 };
 
 /// A domain: an address space shared by the endpoints attached to it.
+/// `clone` is cheap: the mappings are shared copy-on-write.
+#[derive(Clone)]
 pub struct Domain {
     /// Created by ATTACH with `VIRTIO_IOMMU_ATTACH_F_BYPASS`: identity
     /// translation, no mappings.
     pub bypass: bool,
     /// Attached endpoints, in attach order; never empty.
     pub endpoints: Vec<u32>,
+    /// The domain's mappings (empty for a bypass domain).
     pub mappings: MappingTree,
 }
 
@@ -35,11 +40,17 @@ pub struct Domain {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
     /// The device-writable part cannot even hold the tail.
-    NoTail { writable: usize },
+    NoTail {
+        /// Size of the device-writable part.
+        writable: usize,
+    },
     /// The device-readable part is shorter than the request type needs.
     Truncated {
+        /// The request type.
         req_type: u8,
+        /// Device-readable bytes received.
         got: usize,
+        /// Device-readable bytes the type needs.
         need: usize,
     },
     /// Unknown request type, or one whose feature is not offered.
@@ -77,17 +88,64 @@ pub enum Response<'a> {
     /// status tail in its last four bytes; the used length is the whole
     /// writable part.
     Reply {
+        /// The request type (for statistics and logs).
         req_type: u8,
+        /// Success, or why the request was refused (the status code).
         result: Result<(), RequestError>,
+        /// Bytes written at the start of the device-writable part.
         payload: &'a [u8],
     },
+    /// A valid request that needs the host PASID service. The service
+    /// lives outside the model and may write to disk, so the transport
+    /// runs it without holding the model and then completes the request
+    /// with [`Viommu::complete_pasid`].
+    Pasid(PasidOp),
+}
+
+/// A PASID operation the guest asked for (PROJECT EXTENSION requests
+/// PASID_ALLOC and PASID_FREE, docs/extension-spec.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PasidOp {
+    /// Allocate a host PASID in `[min, max]` for the guest to use as is.
+    Alloc {
+        /// Lowest acceptable PASID.
+        min: Pasid,
+        /// Highest acceptable PASID.
+        max: Pasid,
+    },
+    /// Free a PASID the guest allocated.
+    Free {
+        /// The PASID.
+        pasid: Pasid,
+    },
+}
+
+impl PasidOp {
+    /// The request type that carried the operation.
+    pub fn req_type(&self) -> u8 {
+        match self {
+            PasidOp::Alloc { .. } => VIRTIO_IOMMU_T_PASID_ALLOC,
+            PasidOp::Free { .. } => VIRTIO_IOMMU_T_PASID_FREE,
+        }
+    }
+}
+
+/// Why a driver's write of the `bypass` config field was ignored.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum BypassWriteError {
+    /// The driver did not negotiate `VIRTIO_IOMMU_F_BYPASS_CONFIG`.
+    #[error("bypass written without VIRTIO_IOMMU_F_BYPASS_CONFIG")]
+    NotNegotiated,
+    /// Only 0 and 1 are valid.
+    #[error("bypass written with invalid value {0}")]
+    InvalidValue(u8),
 }
 
 impl Response<'_> {
     /// The status code written in the tail, if any.
     pub fn status(&self) -> Option<u8> {
         match self {
-            Response::Drop(_) => None,
+            Response::Drop(_) | Response::Pasid(_) => None,
             Response::Reply { result, .. } => Some(status_of(*result)),
         }
     }
@@ -127,29 +185,15 @@ pub struct RequestStats {
     pub dropped: u64,
 }
 
-/// A change of the IOMMU state that a VMM may need to shadow (VFIO,
-/// iommufd) or a client cache may need to drop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StateChange {
-    Attach {
-        endpoint: u32,
-        domain: u32,
-        bypass: bool,
-    },
-    Detach {
-        endpoint: u32,
-        domain: u32,
-    },
-    Map(u32, Mapping),
-    Unmap {
-        domain: u32,
-        virt_start: u64,
-        virt_end: u64,
-    },
-    /// The `bypass` config field changed.
-    Bypass(bool),
-    /// Device reset: every endpoint detached, every domain gone.
-    Reset,
+/// The IOMMU state at one instant, detached from the device: later
+/// changes do not show in it. Taking one costs a reference per mapping
+/// leaf (see [`MappingTree`]), not a copy of the mappings.
+#[derive(Clone)]
+pub struct Snapshot {
+    /// The `bypass` config field.
+    pub bypass: bool,
+    /// The domains, by increasing ID.
+    pub domains: Vec<(u32, Domain)>,
 }
 
 /// The device model of one virtio-iommu instance.
@@ -166,10 +210,6 @@ pub struct Viommu {
     /// Payload of the last reply (PROBE properties, the PASID of a
     /// PASID_ALLOC), reused across requests.
     reply_buf: Vec<u8>,
-    /// Guest-visible PASID allocation, when the daemon provides it. The
-    /// mutex only makes the model `Sync`; requests reach it through
-    /// `&mut self` and never lock.
-    pasid: Option<Mutex<Box<dyn PasidProvider>>>,
     stats: RequestStats,
     /// Changes since the last `take_changes`, when recording is on.
     changes: Option<Vec<StateChange>>,
@@ -187,12 +227,12 @@ impl Viommu {
             endpoints: HashMap::new(),
             domains: HashMap::new(),
             reply_buf: Vec::new(),
-            pasid: None,
             stats: RequestStats::default(),
             changes: None,
         }
     }
 
+    /// The static configuration.
     pub fn config(&self) -> &DeviceConfig {
         &self.config
     }
@@ -202,20 +242,9 @@ impl Viommu {
         self.config.config_space(self.bypass)
     }
 
-    /// Installs guest-visible PASID allocation: the device then offers
-    /// `VIRTIO_IOMMU_F_PASID_ALLOC`.
-    pub fn set_pasid_provider(&mut self, provider: Box<dyn PasidProvider>) {
-        self.pasid = Some(Mutex::new(provider));
-    }
-
     /// Device-specific feature bits offered to the driver.
     pub fn device_features(&self) -> u64 {
-        let pasid = if self.pasid.is_some() {
-            1 << VIRTIO_IOMMU_F_PASID_ALLOC
-        } else {
-            0
-        };
-        self.config.device_features() | pasid
+        self.config.device_features()
     }
 
     /// Records the device feature bits the driver accepted.
@@ -244,12 +273,12 @@ impl Viommu {
     /// A driver write of the `bypass` config field. Only 0 and 1 are valid,
     /// and only when BYPASS_CONFIG was negotiated; anything else is ignored
     /// and reported as an error for the log.
-    pub fn write_bypass(&mut self, value: u8) -> Result<(), String> {
+    pub fn write_bypass(&mut self, value: u8) -> Result<(), BypassWriteError> {
         if !self.acked(VIRTIO_IOMMU_F_BYPASS_CONFIG) {
-            return Err("bypass written without VIRTIO_IOMMU_F_BYPASS_CONFIG".into());
+            return Err(BypassWriteError::NotNegotiated);
         }
         if value > 1 {
-            return Err(format!("bypass written with invalid value {value}"));
+            return Err(BypassWriteError::InvalidValue(value));
         }
         let bypass = value == 1;
         if bypass != self.bypass {
@@ -275,8 +304,23 @@ impl Viommu {
         self.config.bypass_config && self.bypass
     }
 
+    /// The domains that exist, by ID.
     pub fn domains(&self) -> &HashMap<u32, Domain> {
         &self.domains
+    }
+
+    /// The IOMMU state now, as a [`Snapshot`].
+    pub fn snapshot(&self) -> Snapshot {
+        let mut domains: Vec<(u32, Domain)> = self
+            .domains
+            .iter()
+            .map(|(&id, d)| (id, d.clone()))
+            .collect();
+        domains.sort_unstable_by_key(|(id, _)| *id);
+        Snapshot {
+            bypass: self.bypass,
+            domains,
+        }
     }
 
     /// The domain an endpoint is attached to.
@@ -289,6 +333,7 @@ impl Viommu {
         self.endpoints.iter().map(|(&e, &d)| (e, d))
     }
 
+    /// Request counters.
     pub fn stats(&self) -> &RequestStats {
         &self.stats
     }
@@ -321,14 +366,22 @@ impl Viommu {
             Response::Drop(_) => self.stats.dropped += 1,
             Response::Reply {
                 req_type, result, ..
-            } => {
-                let t = usize::from(*req_type);
-                self.stats.by_type[if t < 16 { t } else { 0 }] += 1;
-                self.stats.by_status[usize::from(status_of(*result)) & 15] += 1;
-            }
+            } => self.count(*req_type, *result),
+            // Counted when it completes.
+            Response::Pasid(_) => {}
         }
-        // Re-borrow the payload from the reply buffer now that stats are
-        // updated; PROBE and PASID_ALLOC replies carry one.
+        self.with_payload(response)
+    }
+
+    fn count(&mut self, req_type: u8, result: Result<(), RequestError>) {
+        let t = usize::from(req_type);
+        self.stats.by_type[if t < 16 { t } else { 0 }] += 1;
+        self.stats.by_status[usize::from(status_of(result)) & 15] += 1;
+    }
+
+    /// Re-borrows a successful reply's payload from the reply buffer;
+    /// PROBE and PASID_ALLOC replies carry one.
+    fn with_payload(&self, response: Response<'static>) -> Response<'_> {
         match response {
             Response::Reply {
                 req_type,
@@ -341,15 +394,34 @@ impl Viommu {
                     payload: &self.reply_buf,
                 }
             }
-            Response::Reply {
-                req_type, result, ..
-            } => Response::Reply {
-                req_type,
-                result,
-                payload: &[],
-            },
-            Response::Drop(r) => Response::Drop(r),
+            other => other,
         }
+    }
+
+    /// Completes a request that returned [`Response::Pasid`], with what
+    /// the PASID service did: the allocated PASID for `Alloc`.
+    pub fn complete_pasid(
+        &mut self,
+        op: PasidOp,
+        result: Result<Pasid, PasidError>,
+    ) -> Response<'_> {
+        let result = result.map_err(|e| {
+            debug!("{op:?}: {e}");
+            RequestError::from(&e)
+        });
+        if let (PasidOp::Alloc { .. }, Ok(pasid)) = (op, &result) {
+            self.reply_buf.clear();
+            self.reply_buf.extend_from_slice(&pasid.to_le_bytes());
+            self.reply_buf.extend_from_slice(&[0; 4]);
+        }
+        let req_type = op.req_type();
+        let result = result.map(drop);
+        self.count(req_type, result);
+        self.with_payload(Response::Reply {
+            req_type,
+            result,
+            payload: &[],
+        })
     }
 
     fn dispatch(&mut self, request: &[u8], writable: usize) -> Response<'static> {
@@ -403,11 +475,17 @@ impl Viommu {
                 };
                 let mut req = PasidAllocReq::default();
                 req.as_mut_slice()[..PASID_ALLOC_READABLE].copy_from_slice(bytes);
-                self.pasid_alloc(&req, writable)
+                match pasid_alloc(&req, writable) {
+                    Ok(op) => return Response::Pasid(op),
+                    Err(e) => Err(e),
+                }
             }
             VIRTIO_IOMMU_T_PASID_FREE if self.offered(VIRTIO_IOMMU_F_PASID_ALLOC) => {
                 match read_request::<PasidFreeReq>(request, req_type) {
-                    Ok(req) => self.pasid_free(&req),
+                    Ok(req) => match pasid_free(&req) {
+                        Ok(op) => return Response::Pasid(op),
+                        Err(e) => Err(e),
+                    },
                     Err(drop) => return Response::Drop(drop),
                 }
             }
@@ -572,7 +650,10 @@ impl Viommu {
         if let Some(domain) = self.domains.get_mut(&domain_id) {
             domain.mappings.insert(mapping);
         }
-        self.record(StateChange::Map(domain_id, mapping));
+        self.record(StateChange::Map {
+            domain: domain_id,
+            mapping,
+        });
         trace!("MAP domain {domain_id} {start:#x}-{end:#x} -> {phys:#x} flags {flags:#x}");
         Ok(())
     }
@@ -651,51 +732,38 @@ impl Viommu {
     }
 }
 
-impl Viommu {
-    fn pasid_provider(&mut self) -> Result<&mut Box<dyn PasidProvider>, RequestError> {
-        let m = self.pasid.as_mut().ok_or(RequestError::PasidBackend)?;
-        Ok(m.get_mut().unwrap_or_else(|e| e.into_inner()))
+/// Checks a PASID_ALLOC request; the allocation itself is the PASID
+/// service's.
+fn pasid_alloc(req: &PasidAllocReq, writable: usize) -> Result<PasidOp, RequestError> {
+    if req.flags.to_native() != 0 {
+        return Err(RequestError::UnknownFlags(req.flags.to_native()));
     }
+    if req.reserved != [0; 4] {
+        return Err(RequestError::ReservedNotZero);
+    }
+    if writable < PASID_ALLOC_WRITABLE {
+        return Err(RequestError::WritableTooSmall {
+            got: writable,
+            need: PASID_ALLOC_WRITABLE,
+        });
+    }
+    Ok(PasidOp::Alloc {
+        min: req.min.to_native(),
+        max: req.max.to_native(),
+    })
+}
 
-    fn pasid_alloc(&mut self, req: &PasidAllocReq, writable: usize) -> Result<(), RequestError> {
-        if req.flags.to_native() != 0 {
-            return Err(RequestError::UnknownFlags(req.flags.to_native()));
-        }
-        if req.reserved != [0; 4] {
-            return Err(RequestError::ReservedNotZero);
-        }
-        if writable < PASID_ALLOC_WRITABLE {
-            return Err(RequestError::WritableTooSmall {
-                got: writable,
-                need: PASID_ALLOC_WRITABLE,
-            });
-        }
-        let provider = self.pasid_provider()?;
-        let (min, max) = (req.min.to_native(), req.max.to_native());
-        let pasid = provider.alloc(min, max).map_err(|e| {
-            debug!("PASID_ALLOC [{min}, {max}]: {e}");
-            RequestError::from(&e)
-        })?;
-        self.reply_buf.clear();
-        self.reply_buf.extend_from_slice(&pasid.to_le_bytes());
-        self.reply_buf.extend_from_slice(&[0; 4]);
-        Ok(())
+/// Checks a PASID_FREE request.
+fn pasid_free(req: &PasidFreeReq) -> Result<PasidOp, RequestError> {
+    if req.flags.to_native() != 0 {
+        return Err(RequestError::UnknownFlags(req.flags.to_native()));
     }
-
-    fn pasid_free(&mut self, req: &PasidFreeReq) -> Result<(), RequestError> {
-        if req.flags.to_native() != 0 {
-            return Err(RequestError::UnknownFlags(req.flags.to_native()));
-        }
-        if req.reserved != [0; 8] {
-            return Err(RequestError::ReservedNotZero);
-        }
-        let provider = self.pasid_provider()?;
-        let pasid = req.pasid.to_native();
-        provider.free(pasid).map_err(|e| {
-            debug!("PASID_FREE {pasid}: {e}");
-            RequestError::from(&e)
-        })
+    if req.reserved != [0; 8] {
+        return Err(RequestError::ReservedNotZero);
     }
+    Ok(PasidOp::Free {
+        pasid: req.pasid.to_native(),
+    })
 }
 
 /// Reads a fixed-size request whose device-readable part is everything

@@ -4,59 +4,136 @@
 
 use thiserror::Error;
 
-use crate::{pasid::PasidError, wire::*};
+use crate::{pasid::PasidError, prq::GroupKey, wire::*};
 
-/// A request the device understood but refused.
+/// A request the device understood but refused; [`RequestError::status`]
+/// says which status code the guest sees.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 pub enum RequestError {
+    /// A reserved field the device must check is not zero.
     #[error("reserved field is not zero")]
     ReservedNotZero,
+    /// Flag bits the device does not know (or the driver did not negotiate).
     #[error("unknown flags {0:#x}")]
     UnknownFlags(u32),
+    /// The endpoint ID is not behind this IOMMU.
     #[error("endpoint {0} does not exist")]
     NoSuchEndpoint(u32),
+    /// The domain does not exist.
     #[error("domain {0} does not exist")]
     NoSuchDomain(u32),
+    /// The domain ID lies outside `domain_range`.
     #[error("domain {0} is outside the domain range")]
     DomainOutOfRange(u32),
+    /// ATTACH's bypass flag contradicts the existing domain's type.
     #[error("bypass flag does not match the type of domain {0}")]
     BypassMismatch(u32),
+    /// DETACH of an endpoint that is not in that domain.
     #[error("endpoint {endpoint} is not attached to domain {domain}")]
-    NotAttached { endpoint: u32, domain: u32 },
+    NotAttached {
+        /// The endpoint.
+        endpoint: u32,
+        /// The domain.
+        domain: u32,
+    },
+    /// MAP or UNMAP on a bypass domain.
     #[error("domain {0} is a bypass domain")]
     BypassDomain(u32),
+    /// A range whose end is below its start.
     #[error("virt_end {end:#x} is below virt_start {start:#x}")]
-    InvertedRange { start: u64, end: u64 },
+    InvertedRange {
+        /// First address.
+        start: u64,
+        /// Last address (inclusive).
+        end: u64,
+    },
+    /// An address not aligned to the granule.
     #[error("address {0:#x} is not aligned to the granule")]
     Misaligned(u64),
+    /// MAP outside `input_range`.
     #[error("range {start:#x}-{end:#x} is outside the input range")]
-    OutsideInputRange { start: u64, end: u64 },
+    OutsideInputRange {
+        /// First address.
+        start: u64,
+        /// Last address (inclusive).
+        end: u64,
+    },
+    /// A physical range that wraps around the address space.
     #[error("physical range starting at {0:#x} wraps around")]
     PhysOverflow(u64),
+    /// MAP over a RESV_MEM region.
     #[error("range {start:#x}-{end:#x} overlaps a reserved region")]
-    ReservedRegion { start: u64, end: u64 },
+    ReservedRegion {
+        /// First address.
+        start: u64,
+        /// Last address (inclusive).
+        end: u64,
+    },
+    /// MAP over an existing mapping.
     #[error("range {start:#x}-{end:#x} overlaps an existing mapping")]
-    Overlap { start: u64, end: u64 },
+    Overlap {
+        /// First address.
+        start: u64,
+        /// Last address (inclusive).
+        end: u64,
+    },
+    /// UNMAP that would split a mapping (nothing is removed).
     #[error("range {start:#x}-{end:#x} would split a mapping")]
-    WouldSplit { start: u64, end: u64 },
+    WouldSplit {
+        /// First address.
+        start: u64,
+        /// Last address (inclusive).
+        end: u64,
+    },
+    /// The domain cap is reached.
     #[error("too many domains (limit {0})")]
     TooManyDomains(usize),
+    /// The domain's mapping cap is reached.
     #[error("too many mappings in domain {domain} (limit {limit})")]
-    TooManyMappings { domain: u32, limit: usize },
+    TooManyMappings {
+        /// The domain.
+        domain: u32,
+        /// The cap.
+        limit: usize,
+    },
+    /// The PROBE properties area is smaller than `probe_size`.
     #[error("PROBE properties area of {got} bytes is smaller than probe_size {need}")]
-    ProbeBufferTooSmall { got: usize, need: usize },
+    ProbeBufferTooSmall {
+        /// Bytes available.
+        got: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// The device-writable part cannot hold the reply.
     #[error("device-writable part of {got} bytes is too small, needs {need}")]
-    WritableTooSmall { got: usize, need: usize },
+    WritableTooSmall {
+        /// Bytes available.
+        got: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// No PASID left in the range, the quota, or PASIDs are disabled.
     #[error("PASID allocation failed: no PASID left in the range or the quota")]
     PasidNoSpace,
+    /// A PASID or PASID range outside the PASID space.
     #[error("PASID or PASID range out of range")]
     PasidRange,
+    /// A PASID this VM does not own.
     #[error("PASID is not allocated to this VM")]
     PasidUnknown,
+    /// A PASID in a state that does not allow the request.
     #[error("PASID is in a state that does not allow this")]
     PasidState,
+    /// The host PASID service failed.
     #[error("host PASID allocator failure")]
     PasidBackend,
+    /// PAGE_RESP with a code other than SUCCESS, INVALID or FAILURE.
+    #[error("unknown page response code {0}")]
+    UnknownResponseCode(u16),
+    /// PAGE_RESP for a group that is not in flight (never raised, already
+    /// answered, or its source is gone).
+    #[error("no page-request group in flight for {0}")]
+    NoSuchPageGroup(GroupKey),
 }
 
 impl From<&PasidError> for RequestError {
@@ -72,7 +149,14 @@ impl From<&PasidError> for RequestError {
                 RequestError::PasidUnknown
             }
             Inactive(_) | NoReference(_) | RefcountOverflow(_) => RequestError::PasidState,
-            InvalidConfig(_) | TooManySets | Source(_) => RequestError::PasidBackend,
+            InvalidConfig(_)
+            | TooManySets
+            | Source(_)
+            | BadLease(_)
+            | NotRestorable(_)
+            | AlreadyMapped { .. }
+            | IdentityMode
+            | Poisoned => RequestError::PasidBackend,
         }
     }
 }
@@ -92,12 +176,13 @@ impl RequestError {
             | Overlap { .. }
             | ProbeBufferTooSmall { .. }
             | WritableTooSmall { .. }
+            | UnknownResponseCode(_)
             | PasidState => VIRTIO_IOMMU_S_INVAL,
             PasidUnknown => VIRTIO_IOMMU_S_NOENT,
             PasidRange => VIRTIO_IOMMU_S_RANGE,
             PasidNoSpace => VIRTIO_IOMMU_S_NOMEM,
             PasidBackend => VIRTIO_IOMMU_S_DEVERR,
-            NoSuchEndpoint(_) | NoSuchDomain(_) => VIRTIO_IOMMU_S_NOENT,
+            NoSuchEndpoint(_) | NoSuchDomain(_) | NoSuchPageGroup(_) => VIRTIO_IOMMU_S_NOENT,
             DomainOutOfRange(_)
             | Misaligned(_)
             | OutsideInputRange { .. }

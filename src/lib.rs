@@ -3,28 +3,36 @@
 //!
 //! This crate owns the guest-visible IOMMU state (endpoints, domains,
 //! mappings, bypass), the wire formats of virtio-iommu 1.3 and of the
-//! project's PASID / page-request extension profile, and the host PASID
-//! allocator. It performs no I/O of its own: no sockets, no threads, no
-//! global state. Transports (the vhost-user daemon, tests, benchmarks) feed
-//! it request bytes and carry its answers back.
+//! project's extension profile (docs/extension-spec.md), the in-memory
+//! host PASID allocator, and the life of page-request groups. It performs
+//! no I/O of its own: no sockets, no threads, no global state, no clock.
+//! Transports (the vhost-user daemon, tests, benchmarks) feed it request
+//! bytes and carry its answers back; the control protocol that serves
+//! VMM-side clients is a crate of its own (`viommu-protocol`) built on
+//! these types.
 //!
 //! The only `unsafe` in the crate is the `ByteValued` marker on the wire
 //! structs (`wire.rs`), each preceded by compile-time proof that the struct
 //! has no padding.
 
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod change;
 pub mod config;
-pub mod control;
 pub mod device;
 pub mod error;
 pub mod mapping;
+pub mod parse;
 pub mod pasid;
+pub mod pgtable;
+pub mod prq;
 pub mod translate;
 pub mod wire;
 
+pub use change::{Invalidation, StateChange};
 pub use config::{DeviceConfig, EndpointSet, ReservedRegion};
-pub use device::{Response, StateChange, Viommu};
+pub use device::{PasidOp, Response, Viommu};
 pub use error::RequestError;
 pub use mapping::{Mapping, MappingTree};
 pub use translate::{Access, Fault, TranslateError, Translation};

@@ -12,8 +12,14 @@
 //! full). Inserts at either end of a leaf sequence (the IOVA allocator's
 //! ascending or descending patterns) fill leaves completely instead of
 //! splitting them in half.
+//!
+//! Leaves are shared copy-on-write (`Arc`), so a clone of a tree is a
+//! snapshot that costs one reference per leaf; the live tree copies a
+//! leaf only when it changes one that a snapshot still holds. Snapshots
+//! let the control plane replay a large domain to a client without
+//! holding any lock while it writes.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 /// Mappings per leaf. 64 keeps the binary search within 8 cache lines.
 const LEAF_CAP: usize = 64;
@@ -24,9 +30,11 @@ const LEAF_MIN: usize = LEAF_CAP / 4;
 /// `phys_start + (iova - virt_start)` with the MAP request's flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
+    /// First IOVA.
     pub virt_start: u64,
-    /// Inclusive.
+    /// Last IOVA (inclusive).
     pub virt_end: u64,
+    /// Guest-physical address of `virt_start`.
     pub phys_start: u64,
     /// `VIRTIO_IOMMU_MAP_F_*` bits.
     pub flags: u32,
@@ -39,6 +47,7 @@ impl Mapping {
     }
 }
 
+#[derive(Clone)]
 struct Leaf {
     len: usize,
     start: [u64; LEAF_CAP],
@@ -126,15 +135,16 @@ impl Leaf {
     }
 }
 
-/// The mappings of one domain.
-#[derive(Default)]
+/// The mappings of one domain. `clone` is a cheap copy-on-write snapshot.
+#[derive(Clone, Default)]
 pub struct MappingTree {
     /// Leaves keyed by their first mapping's `virt_start`; never empty.
-    leaves: BTreeMap<u64, Box<Leaf>>,
+    leaves: BTreeMap<u64, Arc<Leaf>>,
     len: usize,
 }
 
 impl MappingTree {
+    /// An empty domain.
     pub fn new() -> Self {
         Self::default()
     }
@@ -144,6 +154,7 @@ impl MappingTree {
         self.len
     }
 
+    /// Whether the domain has no mapping.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -180,12 +191,12 @@ impl MappingTree {
                 None => {
                     let mut leaf = Leaf::new();
                     leaf.insert_at(0, &m);
-                    self.leaves.insert(m.virt_start, leaf);
+                    self.leaves.insert(m.virt_start, Arc::from(leaf));
                     return;
                 }
             },
         };
-        let Some(leaf) = self.leaves.get_mut(&key) else {
+        let Some(leaf) = self.leaves.get_mut(&key).map(Arc::make_mut) else {
             return;
         };
         let pos = leaf.start[..leaf.len].partition_point(|&s| s < m.virt_start);
@@ -205,7 +216,7 @@ impl MappingTree {
                 .next()
                 .filter(|(_, l)| l.len < LEAF_CAP)
                 .map(|(&k, l)| {
-                    l.insert_at(0, &m);
+                    Arc::make_mut(l).insert_at(0, &m);
                     k
                 });
             match next {
@@ -213,7 +224,7 @@ impl MappingTree {
                 None => {
                     let mut leaf = Leaf::new();
                     leaf.insert_at(0, &m);
-                    self.leaves.insert(m.virt_start, leaf);
+                    self.leaves.insert(m.virt_start, Arc::from(leaf));
                 }
             }
             return;
@@ -222,7 +233,7 @@ impl MappingTree {
             // Only the first leaf can receive an address below its key.
             let mut leaf = Leaf::new();
             leaf.insert_at(0, &m);
-            self.leaves.insert(m.virt_start, leaf);
+            self.leaves.insert(m.virt_start, Arc::from(leaf));
             return;
         }
         let mut right = leaf.split_off(LEAF_CAP / 2);
@@ -231,7 +242,7 @@ impl MappingTree {
         } else {
             right.insert_at(pos - LEAF_CAP / 2, &m);
         }
-        self.leaves.insert(right.start[0], right);
+        self.leaves.insert(right.start[0], Arc::from(right));
     }
 
     fn rekey(&mut self, old: u64, new: u64) {
@@ -267,7 +278,7 @@ impl MappingTree {
         let mut removed = 0;
         let mut small = Vec::new();
         for key in keys {
-            let Some(leaf) = self.leaves.get_mut(&key) else {
+            let Some(leaf) = self.leaves.get_mut(&key).map(Arc::make_mut) else {
                 continue;
             };
             let n = leaf.len;
@@ -311,7 +322,7 @@ impl MappingTree {
             .map(|(&k, _)| k);
         if let Some(prev) = prev {
             if let Some(leaf) = self.leaves.remove(&key) {
-                if let Some(p) = self.leaves.get_mut(&prev) {
+                if let Some(p) = self.leaves.get_mut(&prev).map(Arc::make_mut) {
                     p.append(&leaf);
                 }
             }
@@ -325,7 +336,7 @@ impl MappingTree {
             .map(|(&k, _)| k);
         if let Some(next) = next {
             if let Some(next_leaf) = self.leaves.remove(&next) {
-                if let Some(leaf) = self.leaves.get_mut(&key) {
+                if let Some(leaf) = self.leaves.get_mut(&key).map(Arc::make_mut) {
                     leaf.append(&next_leaf);
                 }
             }

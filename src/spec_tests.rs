@@ -351,8 +351,8 @@ fn map_translates_linearly_from_phys_start() {
         VIRTIO_IOMMU_S_OK
     );
     let t = dev.translate(8, 0x12345, Access::Write).unwrap();
-    assert_eq!(t.gpa, 0x82345);
-    assert_eq!(t.last, 0x1ffff);
+    assert_eq!(t.gpa(0x12345), 0x82345);
+    assert_eq!(t.iova_end, 0x1ffff);
 }
 
 #[test]
@@ -631,7 +631,7 @@ fn boot_bypass_lets_unattached_endpoints_through_even_before_negotiation() {
     let dev = Viommu::new(DeviceConfig::default());
     let t = dev.translate(8, 0x1234, Access::Write).unwrap();
     assert!(t.bypass);
-    assert_eq!(t.gpa, 0x1234);
+    assert_eq!(t.gpa(0x1234), 0x1234);
 }
 
 #[test]
@@ -665,7 +665,7 @@ fn bypass_domain_translates_identically() {
         &AttachReq::new(1, 8, VIRTIO_IOMMU_ATTACH_F_BYPASS),
     );
     let t = dev.translate(8, 0xdead_0000, Access::Write).unwrap();
-    assert!(t.bypass && t.gpa == 0xdead_0000);
+    assert!(t.bypass && t.gpa(0xdead_0000) == 0xdead_0000);
 }
 
 #[test]
@@ -767,23 +767,47 @@ fn range_translation_spans_adjacent_mappings_and_stops_at_a_hole() {
 
 mod pasid_requests {
     use super::*;
-    use crate::pasid::{
-        AllocatorConfig, MemorySource, Pasid, PasidAllocator, PasidProvider, Result, SetId,
+    use crate::{
+        device::PasidOp,
+        pasid::{AllocatorConfig, MemorySource, PasidAllocator, SetId},
     };
 
-    /// The real in-memory allocator behind the provider trait.
-    struct Local(PasidAllocator, SetId);
+    /// The device and, standing in for the daemon's PASID service, the
+    /// real in-memory allocator.
+    struct Dev {
+        dev: Viommu,
+        alloc: PasidAllocator,
+        set: SetId,
+    }
 
-    impl PasidProvider for Local {
-        fn alloc(&mut self, min: Pasid, max: Pasid) -> Result<Pasid> {
-            self.0.alloc(self.1, min..=max)
+    impl Dev {
+        /// Handles one request as the daemon does (PASID operations run
+        /// on the allocator, then complete in the model) and returns the
+        /// device-writable bytes, all zero if nothing was written.
+        fn handle(&mut self, request: &[u8], writable: usize) -> Vec<u8> {
+            let mut out = vec![0u8; writable];
+            let op = match self.dev.handle_request(request, writable) {
+                Response::Pasid(op) => op,
+                other => {
+                    other.write_into(&mut out);
+                    return out;
+                }
+            };
+            let result = match op {
+                PasidOp::Alloc { min, max } => self.alloc.alloc(self.set, min..=max),
+                PasidOp::Free { pasid } => self.alloc.free(self.set, pasid).map(|()| 0),
+            };
+            self.dev.complete_pasid(op, result).write_into(&mut out);
+            out
         }
-        fn free(&mut self, pasid: Pasid) -> Result<()> {
-            self.0.free(self.1, pasid)
+
+        /// The status a request completes with.
+        fn status(&mut self, request: &[u8], writable: usize) -> u8 {
+            self.handle(request, writable)[writable - REQ_TAIL_SIZE]
         }
     }
 
-    fn device_with_pasids(quota: u32) -> Viommu {
+    fn device_with_pasids(quota: u32) -> Dev {
         let source = MemorySource::new(20, 64).unwrap();
         let mut alloc = PasidAllocator::new(
             AllocatorConfig {
@@ -794,26 +818,30 @@ mod pasid_requests {
         )
         .unwrap();
         let set = alloc.create_set(quota).unwrap();
-        let mut dev = device();
-        dev.set_pasid_provider(Box::new(Local(alloc, set)));
+        let mut dev = Viommu::new(DeviceConfig {
+            pasid_alloc: true,
+            ..Default::default()
+        });
         dev.set_acked_features(ALL_FEATURES);
-        dev
+        Dev { dev, alloc, set }
     }
 
-    fn alloc(dev: &mut Viommu, min: u32, max: u32) -> (u8, u32) {
+    fn send(dev: &mut Dev, req: &impl ByteValued) -> u8 {
+        dev.status(readable_part(req), REQ_TAIL_SIZE)
+    }
+
+    fn alloc(dev: &mut Dev, min: u32, max: u32) -> (u8, u32) {
         let req = PasidAllocReq::new(min, max);
-        let resp = dev.handle_request(req.readable(), PASID_ALLOC_WRITABLE);
-        let mut out = [0u8; PASID_ALLOC_WRITABLE];
-        resp.write_into(&mut out);
+        let out = dev.handle(req.readable(), PASID_ALLOC_WRITABLE);
         (out[8], u32::from_le_bytes(out[..4].try_into().unwrap()))
     }
 
-    fn free(dev: &mut Viommu, pasid: u32) -> u8 {
+    fn free(dev: &mut Dev, pasid: u32) -> u8 {
         send(dev, &PasidFreeReq::new(pasid))
     }
 
     #[test]
-    fn pasid_alloc_is_offered_only_with_a_provider() {
+    fn pasid_alloc_is_offered_only_when_configured() {
         let plain = device();
         assert_eq!(
             plain.device_features() & (1 << VIRTIO_IOMMU_F_PASID_ALLOC),
@@ -826,7 +854,10 @@ mod pasid_requests {
             Response::Drop(DropReason::UnknownType(VIRTIO_IOMMU_T_PASID_ALLOC))
         );
         let dev = device_with_pasids(10);
-        assert_ne!(dev.device_features() & (1 << VIRTIO_IOMMU_F_PASID_ALLOC), 0);
+        assert_ne!(
+            dev.dev.device_features() & (1 << VIRTIO_IOMMU_F_PASID_ALLOC),
+            0
+        );
     }
 
     #[test]
@@ -885,8 +916,10 @@ mod pasid_requests {
         let mut dev = device_with_pasids(10);
         let mut req = PasidAllocReq::new(1, 10);
         req.flags = 1.into();
-        let r = dev.handle_request(req.readable(), PASID_ALLOC_WRITABLE);
-        assert_eq!(r.status(), Some(VIRTIO_IOMMU_S_INVAL));
+        assert_eq!(
+            dev.status(req.readable(), PASID_ALLOC_WRITABLE),
+            VIRTIO_IOMMU_S_INVAL
+        );
         let mut f = PasidFreeReq::new(1);
         f.reserved[3] = 1;
         assert_eq!(send(&mut dev, &f), VIRTIO_IOMMU_S_INVAL);
@@ -896,8 +929,7 @@ mod pasid_requests {
     fn pasid_alloc_without_room_for_the_pasid_is_inval_and_allocates_nothing() {
         let mut dev = device_with_pasids(1);
         let req = PasidAllocReq::new(1, 10);
-        let r = dev.handle_request(req.readable(), 4);
-        assert_eq!(r.status(), Some(VIRTIO_IOMMU_S_INVAL));
+        assert_eq!(dev.status(req.readable(), 4), VIRTIO_IOMMU_S_INVAL);
         assert_eq!(
             alloc(&mut dev, 1, 10).0,
             VIRTIO_IOMMU_S_OK,

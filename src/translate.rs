@@ -5,29 +5,38 @@
 use thiserror::Error;
 use vm_memory::ByteValued;
 
-use crate::{
-    control::{Extent, EXTENT_F_BYPASS, NO_DOMAIN},
-    device::Viommu,
-    wire::*,
-};
+use crate::{device::Viommu, wire::*};
 
 /// Kind of DMA access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
+    /// The device reads memory.
     Read,
+    /// The device writes memory.
     Write,
 }
 
-/// A successful translation of one IOVA.
+impl Access {
+    /// The MAP flag that allows this access.
+    pub fn map_flag(self) -> u32 {
+        match self {
+            Access::Read => VIRTIO_IOMMU_MAP_F_READ,
+            Access::Write => VIRTIO_IOMMU_MAP_F_WRITE,
+        }
+    }
+}
+
+/// A successful translation: the whole IOVA range that translates
+/// linearly from the same mapping (or the whole space in bypass), so a
+/// caller may cache it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Translation {
-    /// Guest-physical address of the IOVA.
-    pub gpa: u64,
-    /// First IOVA of the mapping that translated it.
-    pub first: u64,
-    /// Last IOVA (inclusive) that translates linearly from the same mapping,
-    /// so `[iova, last]` maps to `[gpa, gpa + (last - iova)]`.
-    pub last: u64,
+    /// First IOVA of the range.
+    pub iova_start: u64,
+    /// Last IOVA of the range (inclusive).
+    pub iova_end: u64,
+    /// Guest-physical address of `iova_start`.
+    pub gpa_start: u64,
     /// Domain of the mapping (`None` in bypass without a domain).
     pub domain: Option<u32>,
     /// `VIRTIO_IOMMU_MAP_F_*` permissions of the mapping (READ|WRITE when
@@ -37,6 +46,18 @@ pub struct Translation {
     pub bypass: bool,
 }
 
+impl Translation {
+    /// Guest-physical address of `iova`, which must lie in the range.
+    pub fn gpa(&self, iova: u64) -> u64 {
+        self.gpa_start.wrapping_add(iova - self.iova_start)
+    }
+
+    /// Whether the range allows `access`.
+    pub fn allows(&self, access: Access) -> bool {
+        self.flags & access.map_flag() != 0
+    }
+}
+
 /// An unrecoverable fault: what the device reports on the event queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
@@ -44,20 +65,18 @@ pub struct Fault {
     pub reason: u8,
     /// `VIRTIO_IOMMU_FAULT_F_*`.
     pub flags: u32,
+    /// The endpoint that made the access.
     pub endpoint: u32,
+    /// The faulting address.
     pub address: u64,
 }
 
 impl Fault {
     /// A fault of `access` at `address`, with the address marked valid.
     pub fn new(reason: u8, endpoint: u32, address: u64, access: Access) -> Self {
-        let rw = match access {
-            Access::Read => VIRTIO_IOMMU_FAULT_F_READ,
-            Access::Write => VIRTIO_IOMMU_FAULT_F_WRITE,
-        };
         Fault {
             reason,
-            flags: rw | VIRTIO_IOMMU_FAULT_F_ADDRESS,
+            flags: fault_flag(access) | VIRTIO_IOMMU_FAULT_F_ADDRESS,
             endpoint,
             address,
         }
@@ -80,6 +99,14 @@ impl Fault {
             reserved1: 0.into(),
             address: self.address.into(),
         }
+    }
+}
+
+/// The fault flag of an access.
+pub fn fault_flag(access: Access) -> u32 {
+    match access {
+        Access::Read => VIRTIO_IOMMU_FAULT_F_READ,
+        Access::Write => VIRTIO_IOMMU_FAULT_F_WRITE,
     }
 }
 
@@ -116,9 +143,9 @@ impl Viommu {
             return Err(TranslateError::NoSuchEndpoint(endpoint));
         }
         let identity = |domain| Translation {
-            gpa: iova,
-            first: 0,
-            last: u64::MAX,
+            iova_start: 0,
+            iova_end: u64::MAX,
+            gpa_start: 0,
             domain,
             flags: VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE,
             bypass: true,
@@ -141,17 +168,13 @@ impl Viommu {
             .mappings
             .lookup(iova)
             .ok_or(fault(VIRTIO_IOMMU_FAULT_R_MAPPING))?;
-        let needed = match access {
-            Access::Read => VIRTIO_IOMMU_MAP_F_READ,
-            Access::Write => VIRTIO_IOMMU_MAP_F_WRITE,
-        };
-        if m.flags & needed == 0 {
+        if m.flags & access.map_flag() == 0 {
             return Err(fault(VIRTIO_IOMMU_FAULT_R_MAPPING));
         }
         Ok(Translation {
-            gpa: m.translate(iova),
-            first: m.virt_start,
-            last: m.virt_end,
+            iova_start: m.virt_start,
+            iova_end: m.virt_end,
+            gpa_start: m.phys_start,
             domain: Some(domain_id),
             flags: m.flags,
             bypass: false,
@@ -159,7 +182,7 @@ impl Viommu {
     }
 
     /// Translates `[iova, iova + len)` (at least one byte), which may span
-    /// adjacent mappings. Appends one extent per mapping used, each
+    /// adjacent mappings. Appends one translation per mapping used, each
     /// covering its whole mapping so callers may cache it; fails at the
     /// first address that does not translate.
     pub fn translate_range(
@@ -168,23 +191,17 @@ impl Viommu {
         iova: u64,
         len: u64,
         access: Access,
-        out: &mut Vec<Extent>,
+        out: &mut Vec<Translation>,
     ) -> Result<(), TranslateError> {
         let end = iova.saturating_add(len.max(1) - 1);
         let mut addr = iova;
         loop {
             let t = self.translate(endpoint, addr, access)?;
-            out.push(Extent {
-                iova_start: t.first,
-                iova_end: t.last,
-                gpa_start: t.gpa.wrapping_sub(addr - t.first),
-                domain: t.domain.unwrap_or(NO_DOMAIN),
-                flags: t.flags | if t.bypass { EXTENT_F_BYPASS } else { 0 },
-            });
-            if t.last >= end {
+            out.push(t);
+            if t.iova_end >= end {
                 return Ok(());
             }
-            addr = t.last + 1;
+            addr = t.iova_end + 1;
         }
     }
 }

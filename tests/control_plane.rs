@@ -17,8 +17,12 @@ use std::{
 };
 
 use common::{Daemon, Guest, GuestOptions, DATA_AREA};
-use viommu::{control::*, wire::*};
+use viommu::{wire::*, StateChange};
 use viommu_client::{Access, Client, Error, Event, Options, Subscription};
+use viommu_protocol::{
+    messages::{Ack, Hello, Magic},
+    Message, HELLO_F_CACHE,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
@@ -181,13 +185,7 @@ fn a_stuck_client_cannot_hang_the_guest_unmap() {
     // A caching client that never reads nor acknowledges anything.
     let mut stuck = UnixStream::connect(&d.control).unwrap();
     stuck
-        .write_all(
-            &Message::Hello {
-                version: PROTOCOL_VERSION,
-                flags: HELLO_F_CACHE,
-            }
-            .encode(),
-        )
+        .write_all(&Message::from(Hello::new(HELLO_F_CACHE)).encode())
         .unwrap();
     // `ctl` counts itself among the clients.
     d.wait_for(
@@ -231,17 +229,17 @@ fn subscriber_gets_the_state_replayed_then_every_change() {
     )
     .unwrap();
     let next = || sub.next_event(Duration::from_secs(5)).expect("event");
-    assert_eq!(next(), Event::Replayed(EventKind::Bypass(true)));
+    assert_eq!(next(), Event::Replayed(StateChange::Bypass(true)));
     assert_eq!(
         next(),
-        Event::Replayed(EventKind::Attach {
+        Event::Replayed(StateChange::Attach {
             endpoint: EP,
             domain: 1,
             bypass: false
         })
     );
     assert!(
-        matches!(next(), Event::Replayed(EventKind::Map { domain: 1, mapping })
+        matches!(next(), Event::Replayed(StateChange::Map { domain: 1, mapping })
         if mapping.virt_start == 0x1000 && mapping.phys_start == 0x8000)
     );
     assert_eq!(next(), Event::ReplayDone);
@@ -249,18 +247,18 @@ fn subscriber_gets_the_state_replayed_then_every_change() {
     g.unmap(1, 0x1000, 0x3fff);
     g.attach(2, EP);
     g.fe_set_bypass(false);
-    let live: Vec<EventKind> = (0..5)
+    let live: Vec<StateChange> = (0..5)
         .map(|_| match next() {
-            Event::Live { kind, .. } => kind,
+            Event::Live { change, .. } => change,
             other => panic!("{other:?}"),
         })
         .collect();
     assert!(
-        matches!(live[0], EventKind::Map { domain: 1, mapping } if mapping.flags == VIRTIO_IOMMU_MAP_F_READ)
+        matches!(live[0], StateChange::Map { domain: 1, mapping } if mapping.flags == VIRTIO_IOMMU_MAP_F_READ)
     );
     assert_eq!(
         live[1],
-        EventKind::Unmap {
+        StateChange::Unmap {
             domain: 1,
             virt_start: 0x1000,
             virt_end: 0x3fff
@@ -268,20 +266,20 @@ fn subscriber_gets_the_state_replayed_then_every_change() {
     );
     assert_eq!(
         live[2],
-        EventKind::Detach {
+        StateChange::Detach {
             endpoint: EP,
             domain: 1
         }
     );
     assert_eq!(
         live[3],
-        EventKind::Attach {
+        StateChange::Attach {
             endpoint: EP,
             domain: 2,
             bypass: false
         }
     );
-    assert_eq!(live[4], EventKind::Bypass(false));
+    assert_eq!(live[4], StateChange::Bypass(false));
 }
 
 #[test]
@@ -304,9 +302,9 @@ fn sync_subscriber_is_waited_for_and_dropped_when_it_does_not_ack() {
     let shadow = thread::spawn(move || {
         let mut applied = Vec::new();
         while let Some(ev) = s.next_event(Duration::from_secs(2)) {
-            if let Event::Live { seq, kind } = ev {
+            if let Event::Live { seq, change } = ev {
                 thread::sleep(Duration::from_millis(20));
-                applied.push(kind);
+                applied.push(change);
                 s.ack(seq).unwrap();
                 if applied.len() == 2 {
                     break;
@@ -483,27 +481,20 @@ fn misbehaving_control_clients_are_disconnected_and_the_daemon_carries_on() {
         String::from_utf8_lossy(&out).into_owned()
     };
     assert!(reply(
-        &Message::Hello {
+        &Message::from(Hello {
+            magic: Magic,
             version: 99,
             flags: 0
-        }
+        })
         .encode()
     )
     .contains("version 99 unsupported"));
-    assert!(reply(&Message::Ack { seq: 1 }.encode()).contains("first message must be HELLO"));
+    assert!(reply(&Message::from(Ack { seq: 1 }).encode()).contains("first message must be HELLO"));
     assert!(reply(b"\x05\x00\x00\x00\x01garbage").contains("bad HELLO"));
-    let mut hello = Message::Hello {
-        version: PROTOCOL_VERSION,
-        flags: 0,
-    }
-    .encode();
+    let mut hello = Message::from(Hello::new(0)).encode();
     hello.extend_from_slice(&u32::MAX.to_le_bytes());
     assert!(reply(&hello).contains("larger than"));
-    let mut hello = Message::Hello {
-        version: PROTOCOL_VERSION,
-        flags: 0,
-    }
-    .encode();
+    let mut hello = Message::from(Hello::new(0)).encode();
     hello.extend_from_slice(&[1, 0, 0, 0, 0x7e]);
     assert!(reply(&hello).contains("unknown message type"));
     // A client that hangs up in the middle of a frame.

@@ -9,18 +9,25 @@ use std::{sync::Arc, thread, time::Duration};
 use common::{Guest, GuestOptions};
 use vhost::VhostBackend;
 use vhost_device_iommu::{
-    backend::{BackendOptions, IommuBackend},
+    backend::IommuBackend,
     daemon::{serve, SocketSource},
+    iommu::{Iommu, IommuOptions},
+    pasid_manager::PasidService,
 };
 use viommu::{wire::*, Access, DeviceConfig, Fault};
 use vm_memory::ByteValued;
 
-fn start() -> (Arc<IommuBackend>, tempfile::TempDir, std::path::PathBuf) {
+fn start() -> (Arc<Iommu>, tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("viommu.sock");
-    let backend =
-        Arc::new(IommuBackend::new(DeviceConfig::default(), BackendOptions::default()).unwrap());
-    let (b, s) = (backend.clone(), sock.clone());
+    let iommu = Iommu::new(
+        DeviceConfig::default(),
+        PasidService::Disabled,
+        IommuOptions::default(),
+    )
+    .unwrap();
+    let iommu = Arc::new(iommu);
+    let (b, s) = (Arc::new(IommuBackend::new(iommu.clone())), sock.clone());
     thread::spawn(move || serve(b, SocketSource::Path(s)));
     for _ in 0..1000 {
         if sock.exists() {
@@ -28,7 +35,7 @@ fn start() -> (Arc<IommuBackend>, tempfile::TempDir, std::path::PathBuf) {
         }
         thread::sleep(Duration::from_millis(2));
     }
-    (backend, dir, sock)
+    (iommu, dir, sock)
 }
 
 fn fault(endpoint: u32, address: u64) -> Fault {

@@ -9,11 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use viommu::{
-    control::{Extent, Scope},
-    wire::{VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE},
-    Access,
-};
+use viommu::{Access, Invalidation};
+use viommu_protocol::Extent;
 
 /// Slots of the direct-mapped table (a power of two).
 const TLB_SLOTS: usize = 1024;
@@ -50,11 +47,7 @@ fn slot_of(endpoint: u32, iova: u64) -> usize {
 }
 
 fn allows(ext: &Extent, access: Access) -> bool {
-    let need = match access {
-        Access::Read => VIRTIO_IOMMU_MAP_F_READ,
-        Access::Write => VIRTIO_IOMMU_MAP_F_WRITE,
-    };
-    ext.flags & need != 0
+    ext.flags & access.map_flag() != 0
 }
 
 fn overlaps(ext: &Extent, start: u64, end: u64) -> bool {
@@ -96,10 +89,10 @@ impl Cache {
     }
 
     /// Drops what `scope` makes stale.
-    pub fn invalidate(&mut self, scope: Scope) {
+    pub fn invalidate(&mut self, scope: Invalidation) {
         match scope {
-            Scope::All => self.clear(),
-            Scope::Endpoint(ep) => {
+            Invalidation::All => self.clear(),
+            Invalidation::Endpoint(ep) => {
                 if let Some(map) = self.endpoints.remove(&ep) {
                     self.extents -= map.len();
                 }
@@ -109,7 +102,7 @@ impl Cache {
                     }
                 }
             }
-            Scope::DomainRange { domain, start, end } => {
+            Invalidation::DomainRange { domain, start, end } => {
                 for map in self.endpoints.values_mut() {
                     let before = map.len();
                     map.retain(|_, e| !(e.domain == domain && overlaps(e, start, end)));
@@ -124,6 +117,7 @@ impl Cache {
         }
     }
 
+    /// Drops everything.
     pub fn clear(&mut self) {
         self.endpoints.clear();
         self.tlb.iter_mut().for_each(|s| *s = None);
@@ -135,6 +129,7 @@ impl Cache {
         self.extents
     }
 
+    /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.extents == 0
     }
@@ -160,7 +155,7 @@ mod tests {
         c.insert(8, 0x1000, &[ext(0x1000, 0x1fff, 0x9000, 1)]);
         c.insert(8, 0x5000, &[ext(0x5000, 0x5fff, 0xa000, 1)]);
         c.insert(9, 0x1000, &[ext(0x1000, 0x1fff, 0xb000, 2)]);
-        c.invalidate(Scope::DomainRange {
+        c.invalidate(Invalidation::DomainRange {
             domain: 1,
             start: 0x1800,
             end: 0x2fff,
@@ -179,7 +174,7 @@ mod tests {
         let mut c = Cache::default();
         c.insert(8, 0x1000, &[ext(0, u64::MAX, 0, u32::MAX)]);
         assert!(c.lookup(8, 0x1000, Access::Write).is_some());
-        c.invalidate(Scope::Endpoint(8));
+        c.invalidate(Invalidation::Endpoint(8));
         assert!(c.lookup(8, 0x1000, Access::Write).is_none());
         assert!(c.is_empty());
     }
@@ -188,7 +183,7 @@ mod tests {
     fn lookup_honours_permissions() {
         let mut c = Cache::default();
         let mut e = ext(0x1000, 0x1fff, 0, 1);
-        e.flags = VIRTIO_IOMMU_MAP_F_READ;
+        e.flags = viommu::wire::VIRTIO_IOMMU_MAP_F_READ;
         c.insert(8, 0x1000, &[e]);
         assert!(c.lookup(8, 0x1000, Access::Read).is_some());
         assert!(c.lookup(8, 0x1000, Access::Write).is_none());

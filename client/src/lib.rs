@@ -15,8 +15,9 @@
 //! lock while its closure runs, so the acknowledgement also waits for DMA
 //! in progress on a translation being invalidated.
 
+#![warn(missing_docs)]
+
 pub mod cache;
-pub mod frame;
 
 use std::{
     collections::HashMap,
@@ -33,18 +34,18 @@ use std::{
 };
 
 use cache::Cache;
-use frame::{FrameReader, Polled};
 use log::warn;
 use nix::{
     errno::Errno,
     poll::{poll, PollFd, PollFlags, PollTimeout},
 };
-use serde_json::Value;
-use viommu::control::*;
-pub use viommu::{
-    control::{EventKind, Extent, FaultInfo, Scope},
-    Access,
+pub use viommu::{Access, Invalidation, StateChange};
+use viommu_protocol::{
+    handshake, messages as msg, query, ConnError, FrameReader, Message, Polled, HELLO_F_CACHE,
+    HELLO_F_SUBSCRIBE, HELLO_F_SYNC, RESULT_NO_SUCH_ENDPOINT, RESULT_OK, TRANSLATE_F_REPORT_FAULT,
+    TRANSLATE_F_WRITE,
 };
+pub use viommu_protocol::{query::Query, Extent, FaultInfo, FAULT_F_READ, FAULT_F_WRITE};
 
 /// How many times a translation is fetched again when an invalidation
 /// keeps removing it before it can be used.
@@ -57,20 +58,36 @@ const REPLY_SPIN: Duration = Duration::from_micros(50);
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("control socket: {0}")]
+    /// Reading or writing the control socket failed.
+    #[error("control socket")]
     Io(#[from] io::Error),
-    #[error("the daemon refused the connection: {0}")]
-    Refused(String),
+    /// Connecting or the handshake failed.
+    #[error("cannot set up the control connection")]
+    Connect(#[from] ConnError),
+    /// The daemon sent something this client does not expect.
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(&'static str),
+    /// The connection is gone.
     #[error("disconnected from the daemon")]
     Disconnected,
+    /// The endpoint is not behind the IOMMU.
     #[error("endpoint {0} does not exist")]
     NoSuchEndpoint(u32),
+    /// The access faults (the IOMMU forbids it).
     #[error("translation fault at {:#x} (endpoint {}, reason {})", .0.address, .0.endpoint, .0.reason)]
     Fault(FaultInfo),
+    /// The daemon refused the request.
     #[error("daemon error {status}: {message}")]
-    Daemon { status: u32, message: String },
+    Daemon {
+        /// `RESULT_*` status.
+        status: u32,
+        /// Why.
+        message: String,
+    },
+    /// A query failed.
+    #[error(transparent)]
+    Query(#[from] query::QueryError),
+    /// The translation kept being invalidated before it could be used.
     #[error("translation invalidated {MAX_REFETCH} times in a row")]
     Unstable,
 }
@@ -78,8 +95,11 @@ pub enum Error {
 /// One guest-physical piece of a translated IOVA range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
+    /// First IOVA of the piece.
     pub iova: u64,
+    /// Its guest-physical address.
     pub gpa: u64,
+    /// Bytes.
     pub len: u64,
 }
 
@@ -98,6 +118,7 @@ pub enum Subscription {
 pub struct Options {
     /// Cache translations (and take part in invalidations).
     pub cache: bool,
+    /// Follow the IOMMU state.
     pub subscribe: Option<Subscription>,
 }
 
@@ -105,11 +126,16 @@ pub struct Options {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// Part of the state at subscription time.
-    Replayed(EventKind),
+    Replayed(StateChange),
     /// The replay is complete; live events follow.
     ReplayDone,
     /// A change; with `Subscription::Sync`, `ack(seq)` it once applied.
-    Live { seq: u64, kind: EventKind },
+    Live {
+        /// Sequence number to acknowledge.
+        seq: u64,
+        /// The change.
+        change: StateChange,
+    },
 }
 
 enum Reply {
@@ -195,7 +221,11 @@ pub struct Client {
 impl Client {
     /// Connects and performs the version handshake.
     pub fn connect(path: impl AsRef<Path>, options: Options) -> Result<Client, Error> {
-        let stream = UnixStream::connect(path)?;
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|source| ConnError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         let mut flags = 0;
         if options.cache {
             flags |= HELLO_F_CACHE;
@@ -205,39 +235,13 @@ impl Client {
             Some(Subscription::Sync) => flags |= HELLO_F_SUBSCRIBE | HELLO_F_SYNC,
             None => {}
         }
-        // A refused client may find the socket closed when it writes; the
-        // daemon's reason is still waiting to be read.
-        let sent = (&stream).write_all(
-            &Message::Hello {
-                version: PROTOCOL_VERSION,
-                flags,
-            }
-            .encode(),
-        );
-        let mut reader = FrameReader::new(stream.try_clone()?);
-        reader.stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        let client_id = match (reader.next(Duration::ZERO).map_err(read_error), sent) {
-            (Ok(Some(Message::Bye { message })), _) => return Err(Error::Refused(message)),
-            (_, Err(e)) => return Err(Error::Io(e)),
-            (Ok(Some(Message::Welcome { client_id, .. })), Ok(())) => client_id,
-            (Ok(Some(other)), Ok(())) => {
-                return Err(Error::Protocol(format!("expected WELCOME, got {other:?}")))
-            }
-            (Ok(None), Ok(())) => {
-                return Err(Error::Refused(
-                    "connection closed during the handshake".into(),
-                ))
-            }
-            (Err(e), Ok(())) => return Err(e),
-        };
-        reader.stream.set_read_timeout(None)?;
+        let (welcome, reader) = handshake(&stream, flags, HANDSHAKE_TIMEOUT)?;
         let (tx, rx) = if options.subscribe.is_some() {
             let (tx, rx) = mpsc::channel();
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
-        reader.stream.set_read_timeout(None)?;
         let poll_fd = OwnedFd::from(stream.try_clone()?);
         let shared = Arc::new(Shared {
             writer: Mutex::new(stream),
@@ -256,7 +260,7 @@ impl Client {
             shared,
             next_tag: AtomicU32::new(1),
             events: Mutex::new(rx),
-            client_id,
+            client_id: welcome.client_id,
             reader: Some(reader),
         })
     }
@@ -319,18 +323,21 @@ impl Client {
         if report {
             flags |= TRANSLATE_F_REPORT_FAULT;
         }
-        match self.call(endpoint, iova, |tag| Message::Translate {
-            tag,
-            endpoint,
-            flags,
-            iova,
-            len,
+        match self.call(endpoint, iova, |tag| {
+            msg::Translate {
+                tag,
+                endpoint,
+                flags,
+                iova,
+                len,
+            }
+            .into()
         })? {
             Reply::Translation(extents) => Ok(extents),
             Reply::Fault(f) => Err(Error::Fault(f)),
             Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
             Reply::Result(status, message) => Err(Error::Daemon { status, message }),
-            Reply::Query(_) => Err(Error::Protocol("query reply to a translation".into())),
+            Reply::Query(_) => Err(Error::Protocol("query reply to a translation")),
         }
     }
 
@@ -423,30 +430,24 @@ impl Client {
             endpoint,
             address,
         };
-        match self.call(endpoint, address, |tag| Message::ReportFault { tag, fault })? {
+        match self.call(endpoint, address, |tag| {
+            msg::ReportFault { tag, fault }.into()
+        })? {
             Reply::Result(RESULT_OK, _) => Ok(()),
             Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
             Reply::Result(status, message) => Err(Error::Daemon { status, message }),
-            _ => Err(Error::Protocol("unexpected reply to a fault report".into())),
+            _ => Err(Error::Protocol("unexpected reply to a fault report")),
         }
     }
 
-    /// Runs an inspection query (`{"cmd": "status"}` etc.).
-    pub fn query(&self, q: &Value) -> Result<Value, Error> {
-        let json = q.to_string();
-        match self.call(0, 0, |tag| Message::Query { tag, json })? {
-            Reply::Query(text) => {
-                let v: Value =
-                    serde_json::from_str(&text).map_err(|e| Error::Protocol(e.to_string()))?;
-                match v.get("error").and_then(Value::as_str) {
-                    Some(msg) => Err(Error::Daemon {
-                        status: RESULT_INVALID,
-                        message: msg.into(),
-                    }),
-                    None => Ok(v),
-                }
-            }
-            _ => Err(Error::Protocol("unexpected reply to a query".into())),
+    /// Runs an inspection query and decodes its typed reply
+    /// (`viommu_protocol::query` has the reply types).
+    pub fn query<R: serde::de::DeserializeOwned>(&self, q: &Query) -> Result<R, Error> {
+        let json = query::encode(q)?;
+        match self.call(0, 0, |tag| msg::Query { tag, json }.into())? {
+            Reply::Query(text) => Ok(query::decode_reply(&text)?),
+            Reply::Result(status, message) => Err(Error::Daemon { status, message }),
+            _ => Err(Error::Protocol("unexpected reply to a query")),
         }
     }
 
@@ -457,7 +458,7 @@ impl Client {
 
     /// Acknowledges a live event (`Subscription::Sync`).
     pub fn ack(&self, seq: u64) -> Result<(), Error> {
-        self.shared.send(&Message::Ack { seq })
+        self.shared.send(&msg::Ack { seq }.into())
     }
 
     /// Number of cached translations.
@@ -521,13 +522,6 @@ fn cached_segments(
     }
 }
 
-fn read_error(e: io::Error) -> Error {
-    match e.kind() {
-        io::ErrorKind::InvalidData => Error::Protocol(e.to_string()),
-        _ => Error::Io(e),
-    }
-}
-
 /// The background reader: waits for data without holding the reader, so
 /// a caller waiting for its own reply reads it directly (no thread
 /// wake-up on the translation path), and dispatches what nobody else read:
@@ -568,7 +562,7 @@ impl Shared {
                 }
                 Err(e) => {
                     if !self.closed.load(Ordering::Acquire) {
-                        warn!("viommu control connection: {}", read_error(e));
+                        warn!("viommu control connection: {e}");
                     }
                     self.close();
                     return false;
@@ -578,59 +572,61 @@ impl Shared {
     }
 
     /// Acts on one message from the daemon; false on BYE.
-    fn dispatch(&self, msg: Message) -> bool {
+    fn dispatch(&self, message: Message) -> bool {
         let reply = |tag: u32, r: Reply| {
             if let Some(call) = lock(&self.calls).remove(&tag) {
                 call.slot.put(Some(r));
             }
         };
-        match msg {
-            Message::Translation { tag, extents } => {
+        match message {
+            Message::Translation(m) => {
                 if let Some(cache) = &self.cache {
-                    if let Some(call) = lock(&self.calls).get(&tag) {
+                    if let Some(call) = lock(&self.calls).get(&m.tag) {
                         let mut c = cache.write().unwrap_or_else(|e| e.into_inner());
-                        c.insert(call.endpoint, call.iova, &extents);
+                        c.insert(call.endpoint, call.iova, &m.extents);
                     }
                 }
-                reply(tag, Reply::Translation(extents));
+                reply(m.tag, Reply::Translation(m.extents));
             }
-            Message::Fault { tag, fault } => reply(tag, Reply::Fault(fault)),
-            Message::Result {
-                tag,
-                status,
-                message,
-            } => reply(tag, Reply::Result(status, message)),
-            Message::QueryReply { tag, json } => reply(tag, Reply::Query(json)),
-            Message::Invalidate { seq, scope } => {
+            Message::Fault(m) => reply(m.tag, Reply::Fault(m.fault)),
+            Message::CallResult(m) => reply(m.tag, Reply::Result(m.status, m.message)),
+            Message::QueryReply(m) => reply(m.tag, Reply::Query(m.json)),
+            Message::Invalidate(m) => {
                 if let Some(cache) = &self.cache {
                     // Waits for `translate_with` closures still using them.
                     cache
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
-                        .invalidate(scope);
+                        .invalidate(m.scope);
                 }
-                return self.send(&Message::Ack { seq }).is_ok();
+                return self.send(&msg::Ack { seq: m.seq }.into()).is_ok();
             }
-            Message::Event { seq, kind } => {
-                let ev = if seq == 0 {
-                    Event::Replayed(kind)
+            Message::Event(m) => {
+                let ev = if m.seq == 0 {
+                    Event::Replayed(m.change)
                 } else {
-                    Event::Live { seq, kind }
+                    Event::Live {
+                        seq: m.seq,
+                        change: m.change,
+                    }
                 };
                 if let Some(tx) = lock(&self.events).as_ref() {
                     let _ = tx.send(ev);
                 }
             }
-            Message::ReplayDone => {
+            Message::ReplayDone(_) => {
                 if let Some(tx) = lock(&self.events).as_ref() {
                     let _ = tx.send(Event::ReplayDone);
                 }
             }
-            Message::Bye { message } => {
-                warn!("viommu daemon closed the control connection: {message}");
+            Message::Bye(m) => {
+                warn!("viommu daemon closed the control connection: {}", m.message);
                 return false;
             }
-            other => warn!("unexpected message from the daemon: {other:?}"),
+            other => warn!(
+                "unexpected message type {:#x} from the daemon",
+                other.type_code()
+            ),
         }
         true
     }

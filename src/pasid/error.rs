@@ -8,7 +8,48 @@
 //! `InvalidRange`) -> `S_RANGE`, and misuse of a known object (`Inactive`,
 //! `ForeignPasid`, `NoReference`, ...) -> `S_INVAL`.
 
+use std::{fmt, ops::RangeInclusive, sync::Arc};
+
 use super::Pasid;
+
+/// A failure of the host PASID source (for example its database), kept
+/// with its cause. Cloned errors share the cause; two are equal when they
+/// are the same failure.
+#[derive(Clone)]
+pub struct SourceError(Arc<dyn std::error::Error + Send + Sync>);
+
+impl SourceError {
+    /// Wraps a source's failure.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SourceError(Arc::new(e))
+    }
+}
+
+impl fmt::Debug for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for SourceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for SourceError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SourceError {}
 
 /// Everything that can go wrong in the PASID allocator. Never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,9 +119,30 @@ pub enum PasidError {
     /// The guest (or, for reverse look-ups, host) PASID is not mapped.
     #[error("PASID {0} is not mapped")]
     NotMapped(Pasid),
-    /// The host PASID source failed or broke its contract.
-    #[error("host PASID source: {0}")]
-    Source(String),
+    /// The host PASID source failed.
+    #[error("host PASID source")]
+    Source(#[source] SourceError),
+    /// A lease handed back or adopted that the source or allocator does
+    /// not hold as such (a broken source or a corrupt record).
+    #[error("PASID lease {0:?} is not held as a whole")]
+    BadLease(RangeInclusive<Pasid>),
+    /// A PASID restored outside the leases or already in use.
+    #[error("cannot restore PASID {0}: not free in a held lease")]
+    NotRestorable(Pasid),
+    /// A guest or host PASID that is already mapped.
+    #[error("guest PASID {guest} or host PASID {host} is already mapped")]
+    AlreadyMapped {
+        /// The guest PASID.
+        guest: Pasid,
+        /// The host PASID.
+        host: Pasid,
+    },
+    /// A mapping asked of a translator in identity mode.
+    #[error("identity mode does not map PASIDs")]
+    IdentityMode,
+    /// A lock around the allocator was poisoned by a panic.
+    #[error("PASID allocator lock poisoned")]
+    Poisoned,
 }
 
 /// Result type of the PASID allocator.

@@ -22,7 +22,9 @@ pub mod translate;
 #[cfg(test)]
 mod model_tests;
 
-pub use error::{PasidError, Result};
+use std::ops::RangeInclusive;
+
+pub use error::{PasidError, Result, SourceError};
 pub use set::{AllocatorConfig, AllocatorFootprint, PasidAllocator, PasidState, SetId, SetUsage};
 pub use source::{HostPasidSource, MemorySource};
 pub use space::FreeSpace;
@@ -31,16 +33,18 @@ pub use translate::{device_max_pasid, GuestPasid, TranslationMode, Translator};
 /// A PASID (guest or host, as the context says).
 pub type Pasid = u32;
 
-/// Guest-visible PASID allocation (PROJECT EXTENSION PASID_ALLOC and
-/// PASID_FREE, docs/extension-spec.md), provided by the daemon for the
-/// VM's set. The device model offers `VIRTIO_IOMMU_F_PASID_ALLOC` only
-/// when one is installed.
-pub trait PasidProvider: Send {
-    /// Allocates a PASID in `[min, max]` for this VM's set.
-    fn alloc(&mut self, min: Pasid, max: Pasid) -> Result<Pasid>;
-    /// Frees a PASID of this VM's set: it becomes inactive and returns to
-    /// the pool when its last reference is dropped.
-    fn free(&mut self, pasid: Pasid) -> Result<()>;
+/// Checks that `range` is a non-empty range of valid PASIDs in
+/// `[1, max]` (0 means "no PASID" and is never allocated).
+pub fn check_range(range: RangeInclusive<Pasid>, max: Pasid) -> Result<RangeInclusive<Pasid>> {
+    let (min, end) = (*range.start(), *range.end());
+    if min == 0 || min > end || end > max {
+        return Err(PasidError::InvalidRange {
+            min,
+            max: end,
+            limit: max,
+        });
+    }
+    Ok(range)
 }
 
 /// Smallest supported PASID width in bits.

@@ -22,7 +22,7 @@ use super::error::{PasidError, Result};
 use super::source::HostPasidSource;
 use super::space::FreeSpace;
 use super::table::PageTable;
-use super::{Pasid, DEFAULT_BITS, DEFAULT_LEASE_BLOCK, MAX_BITS, MIN_BITS};
+use super::{check_range, Pasid, DEFAULT_BITS, DEFAULT_LEASE_BLOCK, MAX_BITS, MIN_BITS};
 
 /// Handle of a PASID set (one per VM). Stale handles are detected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -237,7 +237,7 @@ impl PasidAllocator {
     /// PASID among the leased ones; the in-memory source leases the lowest
     /// blocks first.
     pub fn alloc(&mut self, set: SetId, range: RangeInclusive<Pasid>) -> Result<Pasid> {
-        let range = self.check_range(range)?;
+        let range = check_range(range, self.max)?;
         let slot = self.live_slot(set)?;
         if slot.quota == 0 {
             return Err(PasidError::Disabled);
@@ -343,7 +343,7 @@ impl PasidAllocator {
     /// Frees every active PASID of `set` in `range`; returns how many.
     /// Costs one pass over the allocated pages of the table in `range`.
     pub fn free_range(&mut self, set: SetId, range: RangeInclusive<Pasid>) -> Result<u32> {
-        let range = self.check_range(range)?;
+        let range = check_range(range, self.max)?;
         self.live_slot(set)?;
         let (mut next, end) = (*range.start(), *range.end());
         let mut freed = 0;
@@ -397,7 +397,7 @@ impl PasidAllocator {
             || *range.end() > self.max
             || self.overlaps_lease(&range)
         {
-            return Err(PasidError::Source(format!("cannot adopt lease {range:?}")));
+            return Err(PasidError::BadLease(range));
         }
         for id in range.clone() {
             self.space.release(id);
@@ -416,9 +416,7 @@ impl PasidAllocator {
         self.check_pasid(pasid)?;
         self.live_slot(set)?;
         if !self.space.take(pasid) {
-            return Err(PasidError::Source(format!(
-                "cannot restore PASID {pasid}: not free in a held lease"
-            )));
+            return Err(PasidError::NotRestorable(pasid));
         }
         self.entries.insert(
             pasid,
@@ -482,18 +480,6 @@ impl PasidAllocator {
             leases: self.leases.capacity() * std::mem::size_of::<RangeInclusive<Pasid>>(),
             live_pasids: self.entries.live(),
         }
-    }
-
-    fn check_range(&self, range: RangeInclusive<Pasid>) -> Result<RangeInclusive<Pasid>> {
-        let (min, max) = (*range.start(), *range.end());
-        if min == 0 || min > max || max > self.max {
-            return Err(PasidError::InvalidRange {
-                min,
-                max,
-                limit: self.max,
-            });
-        }
-        Ok(range)
     }
 
     /// The slot of `set`, if the handle is current; zombies only if
@@ -590,7 +576,7 @@ impl PasidAllocator {
         });
         if let Some((_, r)) = bad {
             log::warn!("PASID source leased invalid range {r:?}; ignoring the lease");
-            return Err(PasidError::Source(format!("invalid lease {r:?}")));
+            return Err(PasidError::BadLease(r.clone()));
         }
         for r in got {
             for id in r.clone() {
@@ -937,7 +923,7 @@ mod tests {
         let mut a = PasidAllocator::new(config, Box::new(Liar(vec![1..=1]))).unwrap();
         let s = a.create_set(10).unwrap();
         assert_eq!(a.alloc(s, 1..=255), Ok(1));
-        assert!(matches!(a.alloc(s, 1..=255), Err(PasidError::Source(_))));
+        assert!(matches!(a.alloc(s, 1..=255), Err(PasidError::BadLease(_))));
     }
 
     #[test]

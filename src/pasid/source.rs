@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use super::error::{PasidError, Result};
 use super::space::FreeSpace;
-use super::{Pasid, MAX_BITS, MIN_BITS};
+use super::{check_range, Pasid, MAX_BITS, MIN_BITS};
 
 /// A provider of host PASID leases.
 ///
@@ -63,13 +63,13 @@ impl<S: HostPasidSource + ?Sized> HostPasidSource for Arc<Mutex<S>> {
         within: RangeInclusive<Pasid>,
     ) -> Result<Vec<RangeInclusive<Pasid>>> {
         self.lock()
-            .map_err(|_| PasidError::Source("source lock poisoned".into()))?
+            .map_err(|_| PasidError::Poisoned)?
             .lease(want, within)
     }
 
     fn release(&mut self, ranges: &[RangeInclusive<Pasid>]) -> Result<()> {
         self.lock()
-            .map_err(|_| PasidError::Source("source lock poisoned".into()))?
+            .map_err(|_| PasidError::Poisoned)?
             .release(ranges)
     }
 }
@@ -130,14 +130,8 @@ impl HostPasidSource for MemorySource {
         want: u32,
         within: RangeInclusive<Pasid>,
     ) -> Result<Vec<RangeInclusive<Pasid>>> {
+        let within = check_range(within, self.max)?;
         let (min, max) = (*within.start(), *within.end());
-        if min == 0 || min > max || max > self.max {
-            return Err(PasidError::InvalidRange {
-                min,
-                max,
-                limit: self.max,
-            });
-        }
         let blocks = (min / self.block)..=(max / self.block);
         let mut out = Vec::new();
         let mut leased = 0u32;
@@ -160,9 +154,7 @@ impl HostPasidSource for MemorySource {
         for r in ranges {
             let b = r.start() / self.block;
             if *r != self.block_range(b) || self.blocks.is_free(b) {
-                return Err(PasidError::Source(format!(
-                    "release of {r:?}, which is not a leased block"
-                )));
+                return Err(PasidError::BadLease(r.clone()));
             }
         }
         for r in ranges {

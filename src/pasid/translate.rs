@@ -158,15 +158,11 @@ impl Translator {
             });
         }
         if self.mode == TranslationMode::Identity {
-            return Err(PasidError::InvalidConfig(
-                "identity mode does not map PASIDs",
-            ));
+            return Err(PasidError::IdentityMode);
         }
         alloc.lookup(set, host)?;
         if self.lookup(set, guest).is_some() || self.reverse.get(host).is_some() {
-            return Err(PasidError::Source(format!(
-                "guest PASID {guest} or host PASID {host} is already mapped"
-            )));
+            return Err(PasidError::AlreadyMapped { guest, host });
         }
         self.insert(set, guest, host);
         Ok(())

@@ -17,6 +17,7 @@ mod common;
 
 use std::{
     hint::black_box,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -24,7 +25,11 @@ use common::{
     driver::{Buf, DriverRing, RingLayout},
     guest_memory, Daemon, Guest, GuestOptions,
 };
-use vhost_device_iommu::backend::{BackendOptions, IommuBackend};
+use vhost_device_iommu::{
+    backend::IommuBackend,
+    iommu::{Iommu, IommuOptions},
+    pasid_manager::PasidService,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use viommu::{wire::*, Access, DeviceConfig, Viommu};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
@@ -39,14 +44,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// 1. Batched MAP+UNMAP through the queue path, 64 requests per kick.
 fn batched_queue_path(rounds: usize) {
     let mem = GuestMemoryAtomic::new(guest_memory());
-    let backend = IommuBackend::new(
+    let iommu = Iommu::new(
         DeviceConfig::default(),
-        BackendOptions {
+        PasidService::Disabled,
+        IommuOptions {
             poll: Duration::ZERO,
             ..Default::default()
         },
     )
     .unwrap();
+    let backend = IommuBackend::new(Arc::new(iommu));
     backend.update_memory(mem.clone()).unwrap();
     let (layout, _) = RingLayout::at(0, 256);
     let m = mem.memory();
@@ -139,7 +146,7 @@ fn batched_queue_path(rounds: usize) {
         }
         rates.push((rounds * 64) as f64 / start.elapsed().as_secs_f64() / 1e6);
     }
-    let stats = backend.model().stats().clone();
+    let stats = backend.iommu().model().stats().clone();
     let expected = 1 + 64 * (rounds * REPEATS + 1001);
     assert_eq!(
         stats.by_status[usize::from(VIRTIO_IOMMU_S_OK)] as usize,

@@ -5,12 +5,40 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
 use viommu::{
     config::{parse_domain_range, ConfigError},
+    parse::parse_u64,
     DeviceConfig, EndpointSet,
 };
 
-use crate::backend::BackendOptions;
+use crate::{error::WithCauses, iommu::IommuOptions};
+
+/// A command line that does not describe a usable daemon.
+#[derive(Debug, Error)]
+pub enum ArgsError {
+    /// The device options are inconsistent.
+    #[error("invalid device configuration")]
+    Config(#[from] ConfigError),
+    /// Neither --socket-path nor --socket-fd.
+    #[error("--socket-path or --socket-fd is required")]
+    NoSocket,
+    /// `--socket-fd` is not an open socket.
+    #[error("--socket-fd {0} is not an open socket")]
+    NotASocket(i32),
+    /// The VM id cannot be derived; `--vm-id` must be given.
+    #[error("--vm-id is required: {0}")]
+    NeedVmId(String),
+    /// The socket path cannot be made absolute.
+    #[error("cannot make {path} absolute")]
+    Absolute {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,9 +78,12 @@ pub enum PasidMode {
     Identity,
 }
 
+/// A switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
+    /// On.
     On,
+    /// Off.
     Off,
 }
 
@@ -163,26 +194,17 @@ fn bound_path(fd: i32) -> Result<Option<PathBuf>, ()> {
     Ok(addr.path().map(PathBuf::from))
 }
 
-fn parse_u64(s: &str) -> Result<u64, String> {
-    let t = s.trim().replace('_', "");
-    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => t.parse(),
-    };
-    r.map_err(|e| format!("`{s}`: {e}"))
+fn parse_endpoints(s: &str) -> Result<EndpointSet, WithCauses<ConfigError>> {
+    s.parse().map_err(WithCauses)
 }
 
-fn parse_endpoints(s: &str) -> Result<EndpointSet, ConfigError> {
-    s.parse()
-}
-
-fn parse_domains(s: &str) -> Result<(u32, u32), ConfigError> {
-    parse_domain_range(s)
+fn parse_domains(s: &str) -> Result<(u32, u32), WithCauses<ConfigError>> {
+    parse_domain_range(s).map_err(WithCauses)
 }
 
 impl DaemonArgs {
     /// The device configuration these arguments describe, validated.
-    pub fn device_config(&self) -> Result<DeviceConfig, ConfigError> {
+    pub fn device_config(&self) -> Result<DeviceConfig, ArgsError> {
         let config = DeviceConfig {
             page_size_mask: self.page_size_mask,
             input_range: DeviceConfig::input_range_from_bits(self.input_range_bits)?,
@@ -210,27 +232,30 @@ impl DaemonArgs {
 
     /// The VM id: `--vm-id`, else the absolute socket path (for
     /// `--socket-fd`, the path the socket is bound to).
-    pub fn vm_id(&self) -> Result<String, String> {
+    pub fn vm_id(&self) -> Result<String, ArgsError> {
         if let Some(id) = &self.vm_id {
             return Ok(id.clone());
         }
         let path = match (&self.socket_path, self.socket_fd) {
-            (Some(p), _) => std::path::absolute(p)
-                .map_err(|e| format!("cannot make {} absolute: {e}", p.display()))?,
+            (Some(p), _) => std::path::absolute(p).map_err(|source| ArgsError::Absolute {
+                path: p.clone(),
+                source,
+            })?,
             (None, Some(fd)) => bound_path(fd)
-                .map_err(|()| format!("--socket-fd {fd} is not an open socket"))?
+                .map_err(|()| ArgsError::NotASocket(fd))?
                 .ok_or_else(|| {
-                    format!("--vm-id is required: --socket-fd {fd} is not bound to a path")
+                    ArgsError::NeedVmId(format!("--socket-fd {fd} is not bound to a path"))
                 })?,
-            (None, None) => return Err("--vm-id is required".into()),
+            (None, None) => return Err(ArgsError::NoSocket),
         };
         path.to_str()
             .map(String::from)
-            .ok_or_else(|| format!("--vm-id is required: {} is not UTF-8", path.display()))
+            .ok_or_else(|| ArgsError::NeedVmId(format!("{} is not UTF-8", path.display())))
     }
 
-    pub fn backend_options(&self) -> BackendOptions {
-        BackendOptions {
+    /// The runtime options of the IOMMU.
+    pub fn iommu_options(&self) -> IommuOptions {
+        IommuOptions {
             poll: Duration::from_micros(self.poll_us),
             client_timeout: Duration::from_millis(self.client_timeout_ms),
         }
@@ -286,7 +311,7 @@ mod tests {
         let cli = parse(&["--socket-path", "/tmp/v.sock"]).unwrap();
         let cfg = cli.daemon.device_config().unwrap();
         assert_eq!(cfg, DeviceConfig::default());
-        assert_eq!(cli.daemon.backend_options().poll, Duration::from_micros(50));
+        assert_eq!(cli.daemon.iommu_options().poll, Duration::from_micros(50));
     }
 
     #[test]
@@ -331,12 +356,14 @@ mod tests {
             .daemon
             .vm_id()
             .unwrap_err()
+            .to_string()
             .contains("--vm-id is required"));
         let cli = parse(&["--socket-fd", "999"]).unwrap();
         assert!(cli
             .daemon
             .vm_id()
             .unwrap_err()
+            .to_string()
             .contains("not an open socket"));
     }
 

@@ -1,181 +1,104 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The vhost-user backend: connects the `viommu` device model to the
-//! request and event virtqueues and to the config space.
+//! The vhost-user backend: connects the [`Iommu`] to the request and event
+//! virtqueues and to the config space of one frontend connection.
 //!
-//! Nothing a guest sends can end the connection: malformed requests are
-//! logged and completed with used length 0, refused ones with a status.
-//! Callbacks return `Err` only for conditions that really are fatal for
-//! the connection (vhost-user-backend closes it on any `Err`).
+//! Nothing a guest sends can end the connection or wedge the daemon:
+//! malformed requests are logged and completed with used length 0,
+//! refused ones with a status, and a ring whose indexes make no sense is
+//! stopped (see [`RingState`]). Callbacks return `Err` only for conditions
+//! that really are fatal for the connection (vhost-user-backend closes it
+//! on any `Err`).
 
 use std::{
     io,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
-    },
+    sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use viommu::{device::Response, wire::CONFIG_BYPASS_OFFSET, DeviceConfig, Viommu};
+use viommu::{device::Response, wire::CONFIG_BYPASS_OFFSET};
 use virtio_bindings::{
     virtio_config::VIRTIO_F_VERSION_1,
     virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
 };
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::{
     epoll::EventSet,
     event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
 };
 
 use crate::{
-    chain::Request,
-    control::Hub,
-    eventq::{EventQueue, EventStats},
-    pasid_manager::PasidService,
+    chain::{self, Request},
+    error::report,
+    hub::lock,
+    iommu::{Iommu, Mem},
+    ratelimit::RateLimited,
 };
 
+/// Index of the request queue.
 pub const REQUEST_QUEUE: u16 = 0;
+/// Index of the event queue.
 pub const EVENT_QUEUE: u16 = 1;
+/// Number of virtqueues.
 pub const NUM_QUEUES: usize = 2;
+/// Largest queue size the backend accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-
-/// Runtime options of the backend that are not part of the device model.
-#[derive(Clone, Copy, Debug)]
-pub struct BackendOptions {
-    /// Keep checking the request queue for this long after a batch before
-    /// sleeping on the kick eventfd; zero disables polling.
-    pub poll: Duration,
-    /// How long a control client may take to acknowledge an invalidation
-    /// before it is disconnected and the guest's request completes.
-    pub client_timeout: Duration,
+/// Whether a ring may be processed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum RingState {
+    #[default]
+    Running,
+    /// The driver published an avail index more than a queue size ahead
+    /// of the device's: the ring is broken. It is left alone (state kept
+    /// for inspection) until the frontend restarts it or resets the
+    /// device, so the daemon never spins on it.
+    Broken { avail: u16, next: u16 },
 }
 
-impl Default for BackendOptions {
-    fn default() -> Self {
-        BackendOptions {
-            poll: Duration::from_micros(50),
-            client_timeout: Duration::from_millis(100),
-        }
-    }
-}
-
-/// Request-queue bookkeeping used to tell a driver reset from a pause.
+/// Request-queue bookkeeping of one connection.
 #[derive(Default)]
 struct RequestQueueState {
     vring: Option<VringRwLock>,
     /// `next_avail` when the ring was last stopped on this connection.
     stopped_at: Option<u16>,
+    state: RingState,
     buf: Request,
     /// Completions of the current batch, published once clients acked.
     used: Vec<(u16, u32)>,
 }
 
-/// The virtio-iommu vhost-user backend. The device model survives
-/// reconnections; the rings and guest memory belong to one connection.
+/// The virtio-iommu vhost-user backend: serves the [`Iommu`] to frontend
+/// connections, one at a time. The rings and guest memory belong to a
+/// connection; the IOMMU state outlives it.
 pub struct IommuBackend {
-    model: RwLock<Viommu>,
-    mem: RwLock<Option<Mem>>,
-    events: Mutex<EventQueue>,
+    iommu: Arc<Iommu>,
     requestq: Mutex<RequestQueueState>,
-
-    options: BackendOptions,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
-    hub: Arc<Hub>,
-    connected: AtomicBool,
-    pasids: RwLock<PasidService>,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not take the device down with it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    /// Errors the guest can repeat are logged at most once a second.
+    guest_errors: RateLimited,
 }
 
 impl IommuBackend {
-    pub fn new(config: DeviceConfig, options: BackendOptions) -> io::Result<Self> {
-        config.validate().map_err(io::Error::other)?;
-        Ok(IommuBackend {
-            model: RwLock::new(Viommu::new(config)),
-            mem: RwLock::new(None),
-            events: Mutex::new(EventQueue::default()),
+    /// A backend serving `iommu`.
+    pub fn new(iommu: Arc<Iommu>) -> Self {
+        IommuBackend {
+            iommu,
             requestq: Mutex::new(RequestQueueState {
                 buf: Request::new(),
                 ..Default::default()
             }),
-
-            options,
             exit: Mutex::new(None),
-            hub: Arc::new(Hub::new(options.client_timeout)),
-            connected: AtomicBool::new(false),
-            pasids: RwLock::new(PasidService::Disabled),
-        })
-    }
-
-    /// Sets what the daemon does with PASIDs; in global mode the device
-    /// then offers guest-visible PASID allocation.
-    pub fn install_pasids(&self, service: PasidService) {
-        if let PasidService::Global(shared) = &service {
-            self.model_mut()
-                .set_pasid_provider(Box::new(shared.clone()));
-        }
-        *self.pasids.write().unwrap_or_else(|e| e.into_inner()) = service;
-    }
-
-    /// A reset guest driver has forgotten the PASIDs it allocated: free
-    /// them (each stays reserved until its last reference is dropped).
-    fn reset_pasids(&self) {
-        if let PasidService::Global(shared) = self.pasids() {
-            match shared.lock().free_all() {
-                Ok(0) => {}
-                Ok(n) => info!("device reset: freed the guest's {n} PASIDs"),
-                Err(e) => warn!("device reset: freeing the guest's PASIDs: {e}"),
-            }
+            guest_errors: RateLimited::new(Duration::from_secs(1)),
         }
     }
 
-    /// What the daemon does with PASIDs.
-    pub fn pasids(&self) -> PasidService {
-        self.pasids
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// How long to spin for more work before sleeping (`--poll-us`).
-    pub fn poll_interval(&self) -> Duration {
-        self.options.poll
-    }
-
-    /// The control-plane clients.
-    pub fn hub(&self) -> &Hub {
-        &self.hub
-    }
-
-    /// Whether a vhost-user frontend is connected.
-    pub fn frontend_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    pub fn set_frontend_connected(&self, connected: bool) {
-        self.connected.store(connected, Ordering::Relaxed);
-    }
-
-    /// Read access to the device model (translations, inspection).
-    pub fn model(&self) -> RwLockReadGuard<'_, Viommu> {
-        self.model.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn model_mut(&self) -> RwLockWriteGuard<'_, Viommu> {
-        self.model.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn memory(&self) -> Option<Mem> {
-        self.mem.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The IOMMU this backend serves.
+    pub fn iommu(&self) -> &Arc<Iommu> {
+        &self.iommu
     }
 
     /// Prepares for a new frontend connection: fresh exit event, no rings,
@@ -188,41 +111,32 @@ impl IommuBackend {
 
     /// Drops everything that belonged to the last connection.
     pub fn end_connection(&self) {
-        lock(&self.events).reset(true);
+        self.iommu.events().reset(true);
         let mut rq = lock(&self.requestq);
         rq.vring = None;
         rq.stopped_at = None;
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    /// Reports an event record (24 or 48 bytes) on the event queue.
-    pub fn post_event(&self, record: &[u8]) {
-        match self.memory() {
-            Some(mem) => lock(&self.events).post(record, &mem),
-            None => lock(&self.events).post_later(record),
-        }
-    }
-
-    pub fn event_stats(&self) -> EventStats {
-        lock(&self.events).stats()
-    }
-
-    /// (held event buffers, events waiting for a buffer)
-    pub fn event_queue_depth(&self) -> (usize, usize) {
-        let ev = lock(&self.events);
-        (ev.held(), ev.pending())
+        rq.state = RingState::Running;
+        self.iommu.set_memory(None);
     }
 
     fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(mem) = self.memory() else {
-            warn!("request queue kicked before guest memory was set");
+        let Some(mem) = self.iommu.memory() else {
+            self.guest_errors.warn(format_args!(
+                "request queue kicked before guest memory was set"
+            ));
             return Ok(());
         };
         let mut rq = lock(&self.requestq);
         self.check_driver_reset(&mut rq, vring);
         rq.vring = Some(vring.clone());
+        if rq.state != RingState::Running {
+            return Ok(());
+        }
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
+            if !self.check_ring(&mut rq, vring, &mem) {
+                return Ok(());
+            }
             self.drain(&mut rq, vring, &mem)?;
             if self.poll_for_requests(vring, &mem) {
                 continue;
@@ -235,13 +149,38 @@ impl IommuBackend {
         Ok(())
     }
 
+    /// Checks the avail index against the device's; a driver that
+    /// publishes more than a queue size of requests at once broke the
+    /// ring (virtio 1.2 §2.7.13.3), which stops the queue.
+    fn check_ring(&self, rq: &mut RequestQueueState, vring: &VringRwLock, mem: &Mem) -> bool {
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        let next = queue.next_avail();
+        let avail = match queue.avail_idx(&*mem.memory(), Ordering::Acquire) {
+            Ok(idx) => idx.0,
+            // Unreadable ring memory: nothing to process now.
+            Err(_) => return false,
+        };
+        if avail.wrapping_sub(next) <= queue.size() {
+            return true;
+        }
+        error!(
+            "request queue broken: the driver published avail index {avail} with {next} \
+             processed on a {}-entry ring; the queue is stopped until the driver resets it",
+            queue.size()
+        );
+        rq.state = RingState::Broken { avail, next };
+        false
+    }
+
     /// Spins on the avail index for up to the poll interval. Returns true
     /// as soon as a new request is there.
     fn poll_for_requests(&self, vring: &VringRwLock, mem: &Mem) -> bool {
-        if self.options.poll.is_zero() {
+        let poll = self.iommu.options().poll;
+        if poll.is_zero() {
             return false;
         }
-        let deadline = Instant::now() + self.options.poll;
+        let deadline = Instant::now() + poll;
         let guard = mem.memory();
         loop {
             {
@@ -262,25 +201,26 @@ impl IommuBackend {
 
     fn drain(&self, rq: &mut RequestQueueState, vring: &VringRwLock, mem: &Mem) -> io::Result<()> {
         let guard = mem.memory();
-        let mut model = self.model_mut();
+        let mut model = self.iommu.model_mut();
         rq.used.clear();
-        loop {
-            // Not `while let`: the vring guard must be gone before add_used.
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(guard.clone());
-            let Some(chain) = chain else { break };
+        while let Some(chain) = chain::pop(vring, guard.clone()) {
             let head = chain.head_index();
-            let used = match rq.buf.gather(chain, &guard) {
-                Ok(()) => {
-                    let response = model.handle_request(rq.buf.readable(), rq.buf.writable_len());
-                    write_response(&response, &rq.buf, &guard)
-                }
-                Err(e) => {
-                    warn!("request {head}: {e}");
-                    0
-                }
+            if let Err(e) = rq.buf.gather(chain, &guard) {
+                self.guest_errors
+                    .warn(format_args!("request {head} dropped: {}", report(&e)));
+                rq.used.push((head, 0));
+                continue;
+            }
+            let response = model.handle_request(rq.buf.readable(), rq.buf.writable_len());
+            let used = if let Response::Pasid(op) = response {
+                // The PASID service may write to disk: not under the
+                // model's lock (other requests' translations go on).
+                drop(model);
+                let result = self.iommu.run_pasid_op(op);
+                model = self.iommu.model_mut();
+                self.write_response(&model.complete_pasid(op, result), &rq.buf, &guard)
+            } else {
+                self.write_response(&response, &rq.buf, &guard)
             };
             rq.used.push((head, used));
         }
@@ -289,7 +229,7 @@ impl IommuBackend {
         }
         // Control clients learn about the batch's changes before the guest
         // sees any of its requests complete.
-        self.publish(model);
+        self.iommu.publish(model);
         for &(head, len) in &rq.used {
             vring.add_used(head, len).map_err(io::Error::other)?;
         }
@@ -299,18 +239,45 @@ impl IommuBackend {
         Ok(())
     }
 
-    /// Hands the changes recorded in `model` to the control clients and
-    /// waits for those that must acknowledge them (without holding the
-    /// model lock, so their translations keep flowing).
-    fn publish(&self, mut model: RwLockWriteGuard<'_, Viommu>) {
-        let changes = model.take_changes();
-        if changes.is_empty() {
-            return;
+    /// Writes a response into the request's writable part; returns the
+    /// used length.
+    fn write_response(&self, response: &Response<'_>, req: &Request, mem: &GuestMemoryMmap) -> u32 {
+        let (req_type, result, payload) = match response {
+            Response::Reply {
+                req_type,
+                result,
+                payload,
+            } => (req_type, result, payload),
+            Response::Drop(reason) => {
+                self.guest_errors
+                    .warn(format_args!("request dropped: {reason}"));
+                return 0;
+            }
+            // Completed by the caller before it gets here.
+            Response::Pasid(_) => return 0,
+        };
+        if let Err(e) = result {
+            debug!("request type {req_type} refused: {e}");
         }
-        let waiting = self.hub.stage(&changes);
-        drop(model);
-        if !waiting.is_empty() {
-            self.hub.flush_and_wait(&waiting, self.options.poll);
+        // The model only replies when the writable part holds the tail.
+        let wlen = req.writable_len();
+        let tail_at = wlen - viommu::wire::REQ_TAIL_SIZE;
+        let mut tail = [0u8; 4];
+        response.write_into(&mut tail);
+        let write = || -> Result<(), chain::ChainError> {
+            let n = payload.len().min(tail_at);
+            if n > 0 {
+                req.write_at(mem, 0, &payload[..n])?;
+            }
+            req.write_at(mem, tail_at, &tail)
+        };
+        match write() {
+            Ok(()) => u32::try_from(wlen).unwrap_or(u32::MAX),
+            Err(e) => {
+                self.guest_errors
+                    .warn(format_args!("writing the reply: {}", report(&e)));
+                0
+            }
         }
     }
 
@@ -324,51 +291,13 @@ impl IommuBackend {
         let Some(stopped_at) = rq.stopped_at.take() else {
             return;
         };
+        // A restarted ring may run again, whatever broke it before.
+        rq.state = RingState::Running;
         let restart_at = vring.get_ref().get_queue().next_avail();
         if stopped_at != 0 && restart_at == 0 {
-            info!("request queue restarted at 0 (stopped at {stopped_at}): driver reset, clearing IOMMU state");
-            self.reset_pasids();
-            let mut model = self.model_mut();
-            model.reset();
-            self.publish(model);
-        }
-    }
-}
-
-/// Writes a response into the request's writable part; returns the used
-/// length.
-fn write_response(response: &Response<'_>, req: &Request, mem: &GuestMemoryMmap) -> u32 {
-    let (req_type, result, payload) = match response {
-        Response::Reply {
-            req_type,
-            result,
-            payload,
-        } => (req_type, result, payload),
-        Response::Drop(reason) => {
-            warn!("request dropped: {reason}");
-            return 0;
-        }
-    };
-    if let Err(e) = result {
-        debug!("request type {req_type} refused: {e}");
-    }
-    // The model only replies when the writable part holds the tail.
-    let wlen = req.writable_len();
-    let tail_at = wlen - viommu::wire::REQ_TAIL_SIZE;
-    let mut tail = [0u8; 4];
-    response.write_into(&mut tail);
-    let write = || -> Result<(), crate::chain::ChainError> {
-        let n = payload.len().min(tail_at);
-        if n > 0 {
-            req.write_at(mem, 0, &payload[..n])?;
-        }
-        req.write_at(mem, tail_at, &tail)
-    };
-    match write() {
-        Ok(()) => u32::try_from(wlen).unwrap_or(u32::MAX),
-        Err(e) => {
-            warn!("writing the reply: {e}");
-            0
+            self.iommu.reset(&format!(
+                "request queue restarted at 0 (stopped at {stopped_at}): driver reset"
+            ));
         }
     }
 }
@@ -390,11 +319,11 @@ impl VhostUserBackend for IommuBackend {
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | self.model().device_features()
+            | self.iommu.model().device_features()
     }
 
     fn acked_features(&self, features: u64) {
-        self.model_mut().set_acked_features(features);
+        self.iommu.model_mut().set_acked_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -405,13 +334,11 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn reset_device(&self) {
-        info!("device reset: clearing IOMMU state");
-        self.reset_pasids();
-        let mut model = self.model_mut();
-        model.reset();
-        self.publish(model);
-        lock(&self.events).reset(false);
-        lock(&self.requestq).stopped_at = None;
+        self.iommu.reset("device reset");
+        self.iommu.events().reset(false);
+        let mut rq = lock(&self.requestq);
+        rq.stopped_at = None;
+        rq.state = RingState::Running;
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -420,7 +347,7 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let model = self.model();
+        let model = self.iommu.model();
         model
             .config()
             .read_config(model.bypass(), offset as usize, size as usize)
@@ -431,32 +358,33 @@ impl VhostUserBackend for IommuBackend {
         // current config so a frontend that writes the whole config space
         // (QEMU does) is not reported for fields it did not change.
         let offset = offset as usize;
-        let mut model = self.model_mut();
+        let mut model = self.iommu.model_mut();
         let current = model
             .config()
             .read_config(model.bypass(), offset, buf.len());
         for (i, (&new, &old)) in buf.iter().zip(current.iter()).enumerate() {
             if offset + i == CONFIG_BYPASS_OFFSET {
                 if new != old {
-                    if let Err(e) = model.write_bypass(new) {
-                        warn!("config write ignored: {e}");
-                    } else {
-                        info!("bypass set to {new} by the driver");
+                    match model.write_bypass(new) {
+                        Ok(()) => info!("bypass set to {new} by the driver"),
+                        Err(e) => self
+                            .guest_errors
+                            .warn(format_args!("config write ignored: {e}")),
                     }
                 }
             } else if new != old {
-                warn!(
+                self.guest_errors.warn(format_args!(
                     "driver wrote read-only config byte {:#x}; ignored",
                     offset + i
-                );
+                ));
             }
         }
-        self.publish(model);
+        self.iommu.publish(model);
         Ok(())
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.iommu.set_memory(Some(mem));
         Ok(())
     }
 
@@ -474,7 +402,7 @@ impl VhostUserBackend for IommuBackend {
                     rq.stopped_at = Some(vring.get_ref().get_queue().next_avail());
                 }
             }
-            1 => lock(&self.events).stop(),
+            1 => self.iommu.events().stop(),
             _ => {}
         }
         Ok(())
@@ -498,8 +426,8 @@ impl VhostUserBackend for IommuBackend {
         match device_event {
             REQUEST_QUEUE => self.process_requestq(vring),
             EVENT_QUEUE => {
-                if let Some(mem) = self.memory() {
-                    lock(&self.events).refill(vring, &mem);
+                if let Some(mem) = self.iommu.memory() {
+                    self.iommu.events().refill(vring, &mem);
                 }
                 Ok(())
             }

@@ -8,9 +8,11 @@
 //! remembered as a list of guest segments so the status can be written in
 //! its last four bytes, however the driver split it.
 
-use std::fmt;
+use std::ops::Deref;
 
-use virtio_queue::desc::split::Descriptor;
+use thiserror::Error;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{desc::split::Descriptor, DescriptorChain, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
 };
@@ -19,23 +21,25 @@ use vm_memory::{
 pub const MAX_READABLE: usize = 256;
 
 /// A descriptor chain that cannot be used.
-#[derive(Debug)]
+#[derive(Debug, Error)]
 pub enum ChainError {
     /// A readable descriptor follows a writable one.
+    #[error("device-readable descriptor after a device-writable one")]
     ReadableAfterWritable,
     /// A descriptor points outside guest memory.
-    Memory(GuestMemoryError),
+    #[error("descriptor outside guest memory")]
+    Memory(#[source] GuestMemoryError),
 }
 
-impl fmt::Display for ChainError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ChainError::ReadableAfterWritable => {
-                f.write_str("device-readable descriptor after a device-writable one")
-            }
-            ChainError::Memory(e) => write!(f, "descriptor outside guest memory: {e}"),
-        }
-    }
+/// Pops the next available descriptor chain of `vring`. A function, not
+/// an inline `while let` on the vring: the vring's lock is released
+/// before the caller uses the chain and calls `add_used`.
+pub fn pop<M>(vring: &VringRwLock, mem: M) -> Option<DescriptorChain<M>>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemoryBackend,
+{
+    vring.get_mut().get_queue_mut().pop_descriptor_chain(mem)
 }
 
 /// The parts of one descriptor chain, gathered for the device model.

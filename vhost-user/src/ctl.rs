@@ -1,16 +1,31 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-device-iommu ctl`: inspect and poke a running daemon through its
 //! control socket. Human tables by default, one JSON document with
-//! `--json` (schemas in docs/control-protocol.md). External checks rely on
+//! `--json` (schemas in docs/control-protocol.md; the documents are the
+//! typed replies of `viommu_protocol::query`). External checks rely on
 //! the command names and JSON fields: keep them stable.
 
-use std::path::PathBuf;
+use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Subcommand, ValueEnum};
-use serde_json::{json, Value};
-use viommu::wire::*;
-use viommu_client::{Access, Client, Error, Options};
+use serde::Serialize;
+use thiserror::Error;
+use viommu::{parse, wire::*};
+use viommu_protocol::{
+    messages::{CallResult, FaultInfo, ReportFault, Translate},
+    query::*,
+    ConnError, Connection, Message, FAULT_F_READ, FAULT_F_WRITE, HELLO_F_INSPECT, RESULT_OK,
+    TRANSLATE_F_WRITE,
+};
 
+use crate::pasid_admin::print_sets;
+
+/// How long the daemon may take to answer, in total, per request.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// Exit status of a translation that faults.
+pub const EXIT_FAULT: u8 = 3;
+
+/// `ctl` options.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// The daemon's control socket (its --control-socket).
@@ -21,17 +36,23 @@ pub struct CtlArgs {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
 }
 
+/// Fault reasons `ctl fault` can inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum FaultReason {
+    /// `VIRTIO_IOMMU_FAULT_R_UNKNOWN`.
     Unknown,
+    /// `VIRTIO_IOMMU_FAULT_R_DOMAIN`.
     Domain,
+    /// `VIRTIO_IOMMU_FAULT_R_MAPPING`.
     Mapping,
 }
 
+/// The `ctl` commands.
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
     /// Daemon and device summary.
@@ -42,18 +63,21 @@ pub enum CtlCommand {
     Domains,
     /// The mappings of one domain.
     Mappings {
-        #[arg(long, value_parser = parse_u32)]
+        /// The domain.
+        #[arg(long, value_parser = parse::parse_u32)]
         domain: u32,
     },
     /// Translate an IOVA as a DMA of the endpoint would (exit status 3 on
     /// a fault).
     Translate {
-        #[arg(long, value_parser = parse_u32)]
+        /// The endpoint.
+        #[arg(long, value_parser = parse::parse_u32)]
         endpoint: u32,
-        #[arg(long, value_parser = parse_u64)]
+        /// The IOVA.
+        #[arg(long, value_parser = parse::parse_u64)]
         iova: u64,
         /// Bytes to translate.
-        #[arg(long, default_value = "1", value_parser = parse_u64)]
+        #[arg(long, default_value = "1", value_parser = parse::parse_u64)]
         len: u64,
         /// A write access (default: read).
         #[arg(long)]
@@ -61,13 +85,16 @@ pub enum CtlCommand {
     },
     /// Deliver an unrecoverable fault to the guest's event queue.
     Fault {
-        #[arg(long, value_parser = parse_u32)]
+        /// The endpoint.
+        #[arg(long, value_parser = parse::parse_u32)]
         endpoint: u32,
-        #[arg(long, value_parser = parse_u64)]
+        /// The faulting address.
+        #[arg(long, value_parser = parse::parse_u64)]
         address: u64,
         /// A faulting write (default: read).
         #[arg(long)]
         write: bool,
+        /// The fault reason.
         #[arg(long, value_enum, default_value = "mapping")]
         reason: FaultReason,
     },
@@ -78,64 +105,140 @@ pub enum CtlCommand {
     Pasids,
 }
 
-fn parse_u64(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => t.parse(),
-    }
-    .map_err(|e| format!("`{s}`: {e}"))
+/// Why `ctl` failed.
+#[derive(Debug, Error)]
+pub enum CtlError {
+    /// The daemon could not be reached, or did not answer.
+    #[error("cannot reach the daemon at {path}")]
+    Daemon {
+        /// The control socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ConnError,
+    },
+    /// The daemon refused the request.
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+    /// The document could not be printed.
+    #[error("cannot write the output")]
+    Output(#[source] std::io::Error),
 }
 
-fn parse_u32(s: &str) -> Result<u32, String> {
-    let v = parse_u64(s)?;
-    u32::try_from(v).map_err(|_| format!("`{s}` does not fit in 32 bits"))
+/// `ctl translate`'s document.
+#[derive(Serialize)]
+struct TranslateDoc {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segments: Option<Vec<SegmentDoc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fault: Option<FaultDoc>,
 }
 
-/// Exit status of a translation that faults.
-pub const EXIT_FAULT: u8 = 3;
+#[derive(Serialize)]
+struct SegmentDoc {
+    iova: u64,
+    gpa: u64,
+    len: u64,
+}
+
+#[derive(Serialize)]
+struct FaultDoc {
+    reason: &'static str,
+    endpoint: u32,
+    address: u64,
+    write: bool,
+}
+
+/// `ctl fault`'s document.
+#[derive(Serialize)]
+struct OkDoc {
+    ok: bool,
+}
+
+/// What one command produced, ready to print.
+enum Doc {
+    Status(StatusReply),
+    Endpoints(EndpointsReply),
+    Domains(DomainsReply),
+    Mappings(MappingsReply),
+    Stats(StatsReply),
+    Pasids(PasidsReply),
+    Translate(TranslateDoc),
+    Fault,
+}
 
 /// Runs a ctl command; returns the process exit status.
-pub fn run(args: CtlArgs) -> Result<u8, String> {
-    let path = &args.control_socket;
-    let client = Client::connect(path, Options::default())
-        .map_err(|e| format!("cannot reach the daemon at {}: {e}", path.display()))?;
-    let q = |v: Value| client.query(&v).map_err(|e| e.to_string());
-    let (doc, status) = match args.command {
-        CtlCommand::Status => (q(json!({"cmd": "status"}))?, 0),
-        CtlCommand::Endpoints => (q(json!({"cmd": "endpoints"}))?, 0),
-        CtlCommand::Domains => (q(json!({"cmd": "domains"}))?, 0),
-        CtlCommand::Stats => (q(json!({"cmd": "stats"}))?, 0),
-        CtlCommand::Pasids => {
-            let mut doc = q(json!({"cmd": "pasids"}))?;
-            while let Some(from) = doc.get("next").and_then(Value::as_u64) {
-                let page = q(json!({"cmd": "pasids", "from": from}))?;
-                let more = page["pasids"].as_array().cloned().unwrap_or_default();
-                if let Some(all) = doc["pasids"].as_array_mut() {
-                    all.extend(more);
-                }
-                doc["next"] = page["next"].clone();
-            }
-            if let Some(o) = doc.as_object_mut() {
-                o.remove("next");
-            }
-            (doc, 0)
-        }
+pub fn run(args: CtlArgs) -> Result<ExitCode, CtlError> {
+    let path = args.control_socket.clone();
+    let daemon = |source| CtlError::Daemon {
+        path: path.clone(),
+        source,
+    };
+    let mut c = Connection::connect(&path, HELLO_F_INSPECT, TIMEOUT).map_err(daemon)?;
+    let (doc, status) = command(&mut c, &args.command).map_err(|e| match e {
+        ConnError::Query(QueryError::Refused(why)) => CtlError::Refused(why),
+        e => daemon(e),
+    })?;
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`ctl ... | head`) ends the output, not the process.
+    let written = if args.json {
+        writeln!(out, "{}", json(&doc))
+    } else {
+        print_table(&mut out, &doc)
+    };
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(CtlError::Output(e)),
+        _ => {}
+    }
+    Ok(ExitCode::from(status))
+}
+
+fn json(doc: &Doc) -> String {
+    let s = match doc {
+        Doc::Status(d) => serde_json::to_string(d),
+        Doc::Endpoints(d) => serde_json::to_string(d),
+        Doc::Domains(d) => serde_json::to_string(d),
+        Doc::Mappings(d) => serde_json::to_string(d),
+        Doc::Stats(d) => serde_json::to_string(d),
+        Doc::Pasids(d) => serde_json::to_string(d),
+        Doc::Translate(d) => serde_json::to_string(d),
+        Doc::Fault => serde_json::to_string(&OkDoc { ok: true }),
+    };
+    // Plain data structures always serialize.
+    s.unwrap_or_default()
+}
+
+fn command(c: &mut Connection, cmd: &CtlCommand) -> Result<(Doc, u8), ConnError> {
+    Ok(match *cmd {
+        CtlCommand::Status => (Doc::Status(c.query(&Query::Status)?), 0),
+        CtlCommand::Endpoints => (Doc::Endpoints(c.query(&Query::Endpoints)?), 0),
+        CtlCommand::Domains => (Doc::Domains(c.query(&Query::Domains)?), 0),
+        CtlCommand::Stats => (Doc::Stats(c.query(&Query::Stats)?), 0),
         CtlCommand::Mappings { domain } => {
-            let mut doc = q(json!({"cmd": "mappings", "domain": domain}))?;
+            let q = |from| Query::Mappings {
+                domain,
+                from,
+                limit: None,
+            };
+            let mut doc: MappingsReply = c.query(&q(0))?;
             // Large domains come in pages.
-            while let Some(from) = doc.get("next").and_then(Value::as_u64) {
-                let page = q(json!({"cmd": "mappings", "domain": domain, "from": from}))?;
-                let more = page["mappings"].as_array().cloned().unwrap_or_default();
-                if let Some(all) = doc["mappings"].as_array_mut() {
-                    all.extend(more);
-                }
-                doc["next"] = page["next"].clone();
+            while let Some(from) = doc.next {
+                let page: MappingsReply = c.query(&q(from))?;
+                doc.mappings.extend(page.mappings);
+                doc.next = page.next;
             }
-            if let Some(o) = doc.as_object_mut() {
-                o.remove("next");
+            (Doc::Mappings(doc), 0)
+        }
+        CtlCommand::Pasids => {
+            let q = |from| Query::Pasids { from, limit: None };
+            let mut doc: PasidsReply = c.query(&q(0))?;
+            while let Some(from) = doc.next {
+                let page: PasidsReply = c.query(&q(from))?;
+                doc.pasids.extend(page.pasids);
+                doc.next = page.next;
             }
-            (doc, 0)
+            (Doc::Pasids(doc), 0)
         }
         CtlCommand::Translate {
             endpoint,
@@ -143,26 +246,18 @@ pub fn run(args: CtlArgs) -> Result<u8, String> {
             len,
             write,
         } => {
-            let access = if write { Access::Write } else { Access::Read };
-            match client.translate(endpoint, iova, len, access) {
-                Ok(segs) => {
-                    let segs: Vec<Value> = segs
-                        .iter()
-                        .map(|s| json!({"iova": s.iova, "gpa": s.gpa, "len": s.len}))
-                        .collect();
-                    (json!({"ok": true, "segments": segs}), 0)
+            let flags = if write { TRANSLATE_F_WRITE } else { 0 };
+            let reply = c.call(|tag| {
+                Translate {
+                    tag,
+                    endpoint,
+                    flags,
+                    iova,
+                    len,
                 }
-                Err(Error::Fault(f)) => {
-                    let reason = match f.reason {
-                        VIRTIO_IOMMU_FAULT_R_DOMAIN => "domain",
-                        VIRTIO_IOMMU_FAULT_R_MAPPING => "mapping",
-                        _ => "unknown",
-                    };
-                    let fault = json!({"reason": reason, "endpoint": f.endpoint, "address": f.address, "write": write});
-                    (json!({"ok": false, "fault": fault}), EXIT_FAULT)
-                }
-                Err(e) => return Err(e.to_string()),
-            }
+                .into()
+            })?;
+            translate_doc(reply, iova, len, write)?
         }
         CtlCommand::Fault {
             endpoint,
@@ -170,162 +265,229 @@ pub fn run(args: CtlArgs) -> Result<u8, String> {
             write,
             reason,
         } => {
-            let access = if write { Access::Write } else { Access::Read };
             let reason = match reason {
                 FaultReason::Unknown => VIRTIO_IOMMU_FAULT_R_UNKNOWN,
                 FaultReason::Domain => VIRTIO_IOMMU_FAULT_R_DOMAIN,
                 FaultReason::Mapping => VIRTIO_IOMMU_FAULT_R_MAPPING,
             };
-            client
-                .report_fault(endpoint, address, Some(access), reason)
-                .map_err(|e| e.to_string())?;
-            (json!({"ok": true}), 0)
-        }
-    };
-    if args.json {
-        println!("{doc}");
-    } else {
-        print_table(&args.command, &doc);
-    }
-    Ok(status)
-}
-
-fn hex(v: &Value) -> String {
-    v.as_u64().map_or_else(|| "-".into(), |n| format!("{n:#x}"))
-}
-
-fn print_table(cmd: &CtlCommand, doc: &Value) {
-    let empty = Vec::new();
-    let arr = |k: &str| doc[k].as_array().unwrap_or(&empty).clone();
-    match cmd {
-        CtlCommand::Status => {
-            if let Some(o) = doc.as_object() {
-                for (k, v) in o {
-                    println!("{k:<20} {v}");
+            let fault = FaultInfo {
+                reason,
+                flags: if write { FAULT_F_WRITE } else { FAULT_F_READ },
+                endpoint,
+                address,
+            };
+            match c.call(|tag| ReportFault { tag, fault }.into())? {
+                Message::CallResult(CallResult {
+                    status: RESULT_OK, ..
+                }) => (Doc::Fault, 0),
+                Message::CallResult(r) => {
+                    return Err(QueryError::Refused(r.message).into());
+                }
+                other => {
+                    return Err(ConnError::Unexpected {
+                        expected: "RESULT",
+                        got: other.type_code(),
+                    })
                 }
             }
         }
-        CtlCommand::Endpoints => {
-            println!("bypass of unattached endpoints: {}", doc["bypass"]);
-            println!("{:<10} {:<10}", "ENDPOINT", "DOMAIN");
-            for e in arr("endpoints") {
-                println!("{:<10} {:<10}", hex(&e["id"]), e["domain"]);
+    })
+}
+
+fn translate_doc(reply: Message, iova: u64, len: u64, write: bool) -> Result<(Doc, u8), ConnError> {
+    Ok(match reply {
+        Message::Translation(t) => {
+            // Cut the requested range out of the whole mappings.
+            let end = iova.saturating_add(len.max(1) - 1);
+            let mut addr = iova;
+            let mut segments = Vec::new();
+            for e in &t.extents {
+                if addr > end || addr < e.iova_start || addr > e.iova_end {
+                    break;
+                }
+                let last = e.iova_end.min(end);
+                segments.push(SegmentDoc {
+                    iova: addr,
+                    gpa: e.gpa_start.wrapping_add(addr - e.iova_start),
+                    len: last - addr + 1,
+                });
+                match last.checked_add(1) {
+                    Some(next) => addr = next,
+                    None => break,
+                }
+            }
+            let doc = TranslateDoc {
+                ok: true,
+                segments: Some(segments),
+                fault: None,
+            };
+            (Doc::Translate(doc), 0)
+        }
+        Message::Fault(f) => {
+            let reason = match f.fault.reason {
+                VIRTIO_IOMMU_FAULT_R_DOMAIN => "domain",
+                VIRTIO_IOMMU_FAULT_R_MAPPING => "mapping",
+                _ => "unknown",
+            };
+            let fault = FaultDoc {
+                reason,
+                endpoint: f.fault.endpoint,
+                address: f.fault.address,
+                write,
+            };
+            let doc = TranslateDoc {
+                ok: false,
+                segments: None,
+                fault: Some(fault),
+            };
+            (Doc::Translate(doc), EXIT_FAULT)
+        }
+        Message::CallResult(r) => return Err(QueryError::Refused(r.message).into()),
+        other => {
+            return Err(ConnError::Unexpected {
+                expected: "TRANSLATION",
+                got: other.type_code(),
+            })
+        }
+    })
+}
+
+fn print_table(out: &mut impl Write, doc: &Doc) -> std::io::Result<()> {
+    match doc {
+        Doc::Status(s) => {
+            let rows: [(&str, String); 10] = [
+                ("version", s.version.clone()),
+                ("protocol", s.protocol.to_string()),
+                ("pid", s.pid.to_string()),
+                ("frontend_connected", s.frontend_connected.to_string()),
+                ("bypass", s.bypass.to_string()),
+                ("acked_features", format!("{:#x}", s.acked_features)),
+                ("domains", s.domains.to_string()),
+                ("attached_endpoints", s.attached_endpoints.to_string()),
+                ("mappings", s.mappings.to_string()),
+                ("clients", s.clients.to_string()),
+            ];
+            for (k, v) in rows {
+                writeln!(out, "{k:<20} {v}")?;
             }
         }
-        CtlCommand::Domains => {
-            println!(
+        Doc::Endpoints(e) => {
+            writeln!(out, "bypass of unattached endpoints: {}", e.bypass)?;
+            writeln!(out, "{:<10} {:<10}", "ENDPOINT", "DOMAIN")?;
+            for ep in &e.endpoints {
+                writeln!(out, "{:<#10x} {:<10}", ep.id, ep.domain)?;
+            }
+        }
+        Doc::Domains(d) => {
+            writeln!(
+                out,
                 "{:<10} {:<8} {:<10} {:<24}",
                 "DOMAIN", "TYPE", "MAPPINGS", "ENDPOINTS"
-            );
-            for d in arr("domains") {
-                let kind = if d["bypass"].as_bool() == Some(true) {
-                    "bypass"
-                } else {
-                    "paging"
-                };
-                let eps: Vec<String> = d["endpoints"]
-                    .as_array()
-                    .unwrap_or(&empty)
-                    .iter()
-                    .map(hex)
-                    .collect();
-                println!(
+            )?;
+            for dom in &d.domains {
+                let kind = if dom.bypass { "bypass" } else { "paging" };
+                let eps: Vec<String> = dom.endpoints.iter().map(|e| format!("{e:#x}")).collect();
+                writeln!(
+                    out,
                     "{:<10} {:<8} {:<10} {}",
-                    d["id"],
+                    dom.id,
                     kind,
-                    d["mappings"],
+                    dom.mappings,
                     eps.join(",")
-                );
+                )?;
             }
         }
-        CtlCommand::Mappings { .. } => {
-            println!(
+        Doc::Mappings(m) => {
+            writeln!(
+                out,
                 "{:<20} {:<20} {:<20} {:<5}",
                 "IOVA START", "IOVA END", "GPA", "PERM"
-            );
-            for m in arr("mappings") {
-                let perm: String = [("read", 'r'), ("write", 'w'), ("mmio", 'm')]
-                    .iter()
-                    .map(|(k, c)| {
-                        if m[*k].as_bool() == Some(true) {
-                            *c
-                        } else {
-                            '-'
-                        }
-                    })
-                    .collect();
-                println!(
-                    "{:<20} {:<20} {:<20} {perm}",
-                    hex(&m["virt_start"]),
-                    hex(&m["virt_end"]),
-                    hex(&m["phys_start"])
-                );
+            )?;
+            for map in &m.mappings {
+                let flag = |on: bool, c: char| if on { c } else { '-' };
+                let perm: String = [
+                    flag(map.read, 'r'),
+                    flag(map.write, 'w'),
+                    flag(map.mmio, 'm'),
+                ]
+                .iter()
+                .collect();
+                writeln!(
+                    out,
+                    "{:<#20x} {:<#20x} {:<#20x} {perm}",
+                    map.virt_start, map.virt_end, map.phys_start
+                )?;
             }
         }
-        CtlCommand::Translate { .. } => match doc["ok"].as_bool() {
-            Some(true) => {
-                for s in arr("segments") {
-                    println!(
-                        "{} -> {} ({} bytes)",
-                        hex(&s["iova"]),
-                        hex(&s["gpa"]),
-                        s["len"]
-                    );
-                }
+        Doc::Translate(t) => {
+            for s in t.segments.iter().flatten() {
+                writeln!(out, "{:#x} -> {:#x} ({} bytes)", s.iova, s.gpa, s.len)?;
             }
-            _ => {
-                let f = &doc["fault"];
-                println!(
-                    "fault: {} (endpoint {}, address {})",
-                    f["reason"],
-                    hex(&f["endpoint"]),
-                    hex(&f["address"])
-                );
+            if let Some(f) = &t.fault {
+                writeln!(
+                    out,
+                    "fault: {} (endpoint {:#x}, address {:#x})",
+                    f.reason, f.endpoint, f.address
+                )?;
             }
-        },
-        CtlCommand::Fault { .. } => println!("fault queued on the guest's event queue"),
-        CtlCommand::Pasids => {
-            let mode = doc["mode"].as_str().unwrap_or("?");
-            if mode != "global" {
-                println!("PASID mode: {mode} (no host-wide set)");
-                return;
+        }
+        Doc::Fault => writeln!(out, "fault queued on the guest's event queue")?,
+        Doc::Pasids(p) => {
+            if p.mode != "global" {
+                return writeln!(out, "PASID mode: {} (no host-wide set)", p.mode);
             }
-            crate::pasid_admin::print_sets(&arr("sets"));
-            println!();
-            println!(
+            print_sets(out, &p.sets)?;
+            writeln!(out)?;
+            writeln!(
+                out,
                 "this daemon: VM `{}`, quota {}, {} charged, {} host PASIDs leased",
-                doc["vm_id"].as_str().unwrap_or("?"),
-                doc["quota"],
-                doc["charged"],
-                doc["leased"]
-            );
-            println!(
+                p.vm_id.as_deref().unwrap_or("?"),
+                p.quota.unwrap_or(0),
+                p.charged.unwrap_or(0),
+                p.leased.unwrap_or(0)
+            )?;
+            writeln!(
+                out,
                 "{:<10} {:<10} {:<9} {:>6}",
                 "HOST", "GUEST", "STATE", "REFS"
-            );
-            for p in arr("pasids") {
-                let guest = p["guest"].as_u64().map_or("-".into(), |g| g.to_string());
-                println!(
+            )?;
+            for pasid in &p.pasids {
+                let guest = pasid.guest.map_or("-".into(), |g| g.to_string());
+                writeln!(
+                    out,
                     "{:<10} {:<10} {:<9} {:>6}",
-                    p["host"],
-                    guest,
-                    p["state"].as_str().unwrap_or("?"),
-                    p["refs"]
-                );
+                    pasid.host, guest, pasid.state, pasid.refs
+                )?;
             }
         }
-        CtlCommand::Stats => {
-            for section in ["requests", "errors", "faults"] {
-                if let Some(o) = doc[section].as_object() {
-                    let items: Vec<String> = o.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    println!("{section:<20} {}", items.join(" "));
-                }
-            }
-            if let Some(o) = doc.as_object() {
-                for (k, v) in o.iter().filter(|(_, v)| !v.is_object()) {
-                    println!("{k:<20} {v}");
-                }
+        Doc::Stats(s) => {
+            let r = &s.requests;
+            writeln!(
+                out,
+                "{:<20} attach={} detach={} map={} unmap={} probe={} pasid_alloc={} pasid_free={} other={}",
+                "requests", r.attach, r.detach, r.map, r.unmap, r.probe, r.pasid_alloc, r.pasid_free, r.other
+            )?;
+            let errors: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            writeln!(out, "{:<20} {}", "errors", errors.join(" "))?;
+            writeln!(
+                out,
+                "{:<20} delivered={} dropped={} pending={}",
+                "faults", s.faults.delivered, s.faults.dropped, s.faults.pending
+            )?;
+            let rows = [
+                ("dropped", s.dropped),
+                ("event_buffers_held", s.event_buffers_held as u64),
+                ("clients", s.clients as u64),
+                ("invalidations_sent", s.invalidations_sent),
+                ("events_sent", s.events_sent),
+                ("ack_timeouts", s.ack_timeouts),
+                ("clients_refused", s.clients_refused),
+                ("clients_dropped", s.clients_dropped),
+            ];
+            for (k, v) in rows {
+                writeln!(out, "{k:<20} {v}")?;
             }
         }
     }
+    Ok(())
 }

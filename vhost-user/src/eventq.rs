@@ -13,9 +13,11 @@ use std::collections::VecDeque;
 use log::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 
 use crate::chain::Request;
+
+type Mem = crate::iommu::Mem;
 
 /// Events kept while the driver has posted no buffer. Beyond this, new
 /// events are dropped: the first faults of a burst say the most.
@@ -47,8 +49,6 @@ pub struct EventQueue {
     stats: EventStats,
 }
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-
 impl EventQueue {
     pub fn stats(&self) -> EventStats {
         self.stats
@@ -79,12 +79,7 @@ impl EventQueue {
             return;
         };
         let guard = mem.memory();
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(guard.clone());
-            let Some(chain) = chain else { break };
+        while let Some(chain) = crate::chain::pop(&vring, guard.clone()) {
             let head = chain.head_index();
             let mut buf = self.spare.pop().unwrap_or_default();
             match buf.gather(chain, &guard) {

@@ -19,9 +19,10 @@ use std::{
 use log::{info, warn};
 use thiserror::Error;
 use viommu::pasid::{
-    AllocatorConfig, Pasid, PasidAllocator, PasidError, PasidProvider, SetId, TranslationMode,
+    AllocatorConfig, Pasid, PasidAllocator, PasidError, SetId, SourceError, TranslationMode,
     Translator, DEFAULT_LEASE_BLOCK,
 };
+use viommu_protocol::query::SetInfo;
 
 use crate::pasid_store::{
     validate_vm_id, Reclaimed, SetRecord, Store, StoreError, StoreSource, VmLock, GRANULE,
@@ -65,9 +66,29 @@ pub struct PasidEntry {
 /// A set of the host with its liveness.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetStatus {
+    /// What the database records of the set.
     pub record: SetRecord,
     /// A daemon holds the VM's lock.
     pub live: bool,
+}
+
+impl SetStatus {
+    /// The set as `ctl pasids` and `pasid-admin list` show it;
+    /// `this_vm` marks the querying daemon's own set.
+    pub fn info(&self, this_vm: Option<&str>) -> SetInfo {
+        let r = &self.record;
+        SetInfo {
+            vm_id: r.vm_id.clone(),
+            quota: r.quota,
+            pasids: r.pasids,
+            active: r.active,
+            leased: r.leased,
+            pid: r.pid,
+            started_ms: r.started_ms,
+            live: self.live,
+            this_daemon: this_vm.map(|vm| vm == r.vm_id),
+        }
+    }
 }
 
 /// This VM's PASID set, durable and host-wide.
@@ -91,7 +112,7 @@ impl std::fmt::Debug for PasidManager {
 }
 
 fn journal_error(e: StoreError) -> PasidError {
-    PasidError::Source(format!("state store: {e}"))
+    PasidError::Source(SourceError::new(e))
 }
 
 impl PasidManager {
@@ -185,9 +206,7 @@ impl PasidManager {
     }
 
     fn store(&self) -> Result<MutexGuard<'_, Store>, PasidError> {
-        self.store
-            .lock()
-            .map_err(|_| PasidError::Source("state store lock poisoned".into()))
+        self.store.lock().map_err(|_| PasidError::Poisoned)
     }
 
     /// Allocates a host PASID in `[min, max]` that the guest uses as is
@@ -422,24 +441,15 @@ pub enum PasidService {
     Global(SharedPasids),
 }
 
-/// The manager as the device model's PASID provider; the daemon keeps
-/// another handle for inspection.
+/// The manager shared by the request worker (the guest's PASID requests)
+/// and the control server (inspection).
 #[derive(Debug, Clone)]
 pub struct SharedPasids(pub Arc<Mutex<PasidManager>>);
 
 impl SharedPasids {
+    /// Locks the manager (it may wait on the disk while held).
     pub fn lock(&self) -> MutexGuard<'_, PasidManager> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl PasidProvider for SharedPasids {
-    fn alloc(&mut self, min: Pasid, max: Pasid) -> viommu::pasid::Result<Pasid> {
-        self.lock().alloc(min, max)
-    }
-
-    fn free(&mut self, pasid: Pasid) -> viommu::pasid::Result<()> {
-        self.lock().free(pasid)
     }
 }
 

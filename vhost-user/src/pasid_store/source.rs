@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use viommu::pasid::{HostPasidSource, Pasid, PasidError};
+use viommu::pasid::{check_range, HostPasidSource, Pasid, PasidError, SourceError};
 
 use super::Store;
 
@@ -30,9 +30,7 @@ impl StoreSource {
     }
 
     fn store(&self) -> Result<std::sync::MutexGuard<'_, Store>, PasidError> {
-        self.store
-            .lock()
-            .map_err(|_| PasidError::Source("state store lock poisoned".into()))
+        self.store.lock().map_err(|_| PasidError::Poisoned)
     }
 }
 
@@ -42,18 +40,12 @@ impl HostPasidSource for StoreSource {
         want: u32,
         within: RangeInclusive<Pasid>,
     ) -> viommu::pasid::Result<Vec<RangeInclusive<Pasid>>> {
+        let within = check_range(within, self.space_max)?;
         let (min, max) = (*within.start(), *within.end());
-        if min == 0 || min > max || max > self.space_max {
-            return Err(PasidError::InvalidRange {
-                min,
-                max,
-                limit: self.space_max,
-            });
-        }
         let got = self
             .store()?
             .lease(&self.vm_id, want, within, self.space_max)
-            .map_err(|e| PasidError::Source(e.to_string()))?;
+            .map_err(|e| PasidError::Source(SourceError::new(e)))?;
         if got.is_empty() {
             return Err(PasidError::Exhausted { min, max });
         }
@@ -63,6 +55,6 @@ impl HostPasidSource for StoreSource {
     fn release(&mut self, ranges: &[RangeInclusive<Pasid>]) -> viommu::pasid::Result<()> {
         self.store()?
             .release(&self.vm_id, ranges)
-            .map_err(|e| PasidError::Source(e.to_string()))
+            .map_err(|e| PasidError::Source(SourceError::new(e)))
     }
 }

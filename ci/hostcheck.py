@@ -352,6 +352,33 @@ def check_health(a):
     return f"pid {a.pid} still serving, started once, no ERROR line; status {json.dumps(st)}"
 
 
+def check_pasids(a):
+    """The VM's PASIDs in the daemon against the guest's VDI-PASIDS line
+    (ci/sva-tests.sh): --held, each is active and mapped to itself
+    (PASID_ALLOC gives the host PASID to the guest); --none, the VM holds
+    none (every one freed and its last reference dropped)."""
+    doc = Ctl(a.bin, a.ctl)("pasids")
+    mine = doc.get("pasids", [])
+    if a.none:
+        if mine:
+            raise CheckFailed(f"the VM still holds {len(mine)} PASID(s): {json.dumps(mine[:4])}")
+        return "the VM holds no PASID"
+    want = None
+    for line in console_lines(a.console):
+        if line.startswith("VDI-PASIDS"):
+            want = [int(x) for x in line.split()[1:]]
+    if not want:
+        raise CheckFailed("the guest printed no VDI-PASIDS line")
+    by_guest = {p.get("guest"): p for p in mine}
+    for g in want:
+        p = by_guest.get(g)
+        if p is None:
+            raise CheckFailed(f"guest PASID {g} unknown to the daemon ({len(mine)} PASIDs: {json.dumps(mine[:4])})")
+        if p.get("state") != "active" or p.get("host") != g:
+            raise CheckFailed(f"guest PASID {g}: {json.dumps(p)}")
+    return f"all {len(want)} guest PASIDs active in the daemon, host == guest ({want[0]}..)"
+
+
 def check_unplug_qmp(a):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(a.timeout)
@@ -440,6 +467,9 @@ def main():
     sp = add("health", check_health, "ctl")
     sp.add_argument("--pid", type=int, required=True)
     sp.add_argument("--log", required=True)
+    sp = add("pasids", check_pasids, "ctl")
+    sp.add_argument("--console")
+    sp.add_argument("--none", action="store_true")
     sp = add("unplug", check_unplug_qmp)
     sp.add_argument("--qmp", required=True)
     sp.add_argument("--id", required=True)

@@ -25,6 +25,9 @@
 #                        delete them, ~250 MB; a refresh downloads them again)
 #   VDI_ACCEL            tcg | kvm | auto (default auto: KVM only when a test
 #                        boot under KVM succeeds; the result is cached per host boot)
+#   VDI_KBUILD=1         also provision each guest kernel's headers (and, if
+#                        the host lacks it, its compiler) for out-of-tree
+#                        modules: ci/kbuild.sh
 #
 # Variables set after sourcing (everything is an absolute path):
 #   VDI_CACHE              cache root
@@ -49,11 +52,15 @@
 #                          default modules, /bin/vfio-map; no test script)
 #   VDI_DEFAULT_MODULES    modules loaded by the guest /init (dependencies added
 #                          automatically from each module's modinfo)
+#   VDI_KBUILD_DIRS        array: per kernel, its kbuild dir (ci/kbuild.sh) or ""
 # Functions defined after sourcing:
 #   vdi_build_initramfs KERNEL_INDEX OUT [--modules "m1 m2"] [SRC:DST ...]
 #       builds OUT (gzip'ed newc cpio) = base initramfs of kernel KERNEL_INDEX
-#       (with the given module set instead of VDI_DEFAULT_MODULES) plus extra
+#       (with the given module set instead of VDI_DEFAULT_MODULES; a word
+#       that is a path to a .ko file is an out-of-tree module) plus extra
 #       files.  The guest /init runs /etc/vdi/test if present, then powers off.
+#   vdi_build_module KERNEL_INDEX SRC_DIR   (ci/kbuild.sh) builds an
+#       out-of-tree module, prints the directory of the .ko files.
 #   vdi_run_qemu TIMEOUT_S LOGFILE QEMU_ARGS...
 #       runs $VDI_QEMU with a hard timeout, console (stdout+stderr) to LOGFILE
 #       and to stdout; returns QEMU's status (124 = timed out).
@@ -84,6 +91,8 @@ vdi__log() { printf '[provision %6.1fs] %s\n' "$(vdi__elapsed)" "$*" >&2; }
 vdi__die() { printf '[provision] ERROR: %s\n' "$*" >&2; exit 1; }
 vdi__elapsed() { awk -v a="$vdi__t0" -v b="${EPOCHREALTIME}" 'BEGIN { printf "%.1f", b - a }'; }
 vdi__safe() { printf '%s' "$1" | tr ':/' '__'; }
+# shellcheck source=kbuild.sh
+source "$VDI_CI_DIR/kbuild.sh"
 
 # Host tools needed to build the guest side.  Installed only when missing.
 vdi__host_prereqs() {
@@ -96,6 +105,11 @@ vdi__host_prereqs() {
     command -v timeout >/dev/null || missing+=(coreutils)
     [[ -e /usr/include/linux/vfio.h ]] || missing+=(linux-libc-dev)
     [[ -e /usr/lib/x86_64-linux-gnu/libc.a ]] || missing+=(libc6-dev)
+    if [[ "${VDI_KBUILD:-0}" == 1 ]]; then   # ci/kbuild.sh
+        command -v make >/dev/null || missing+=(make)
+        command -v patchelf >/dev/null || missing+=(patchelf)
+        [[ -e /usr/lib/x86_64-linux-gnu/libelf.so.1 ]] || missing+=(libelf1)
+    fi
     # The trixie keys came with bookworm's debian-archive-keyring 2023.3+deb12u1.
     [[ -e /usr/share/keyrings/debian-archive-keyring.gpg &&
         -e /usr/share/keyrings/debian-archive-trixie-stable.gpg ]] || missing+=(debian-archive-keyring)
@@ -358,14 +372,21 @@ vdi__modules_closure() {
     local -A seen=()
     local order=()
     vdi__visit_module() {
-        local name="${1//-/_}" path base file deps d
+        local name="${1//-/_}" path="" base file deps d
+        if [[ "$1" == */*.ko && -f "$1" ]]; then   # out-of-tree module
+            path="$1"
+            name="$(basename "$1" .ko)"
+            name="${name//-/_}"
+        fi
         [[ -n "${seen[$name]:-}" ]] && return 0
         seen[$name]=1
-        if grep -Eq "/${1//[-_]/[-_]}\\.ko(\\.(xz|zst|gz))?\$" "$mroot/modules.builtin" 2>/dev/null; then
-            return 0   # built in
+        if [[ -z "$path" ]]; then
+            if grep -Eq "/${1//[-_]/[-_]}\\.ko(\\.(xz|zst|gz))?\$" "$mroot/modules.builtin" 2>/dev/null; then
+                return 0   # built in
+            fi
+            path="$(find "$mroot" -regextype posix-extended \
+                -regex ".*/${name//_/[-_]}\\.ko(\\.(xz|zst|gz))?" -print -quit)"
         fi
-        path="$(find "$mroot" -regextype posix-extended \
-            -regex ".*/${name//_/[-_]}\\.ko(\\.(xz|zst|gz))?" -print -quit)"
         [[ -n "$path" ]] || vdi__die "module $name not found in $rel"
         base="$(basename "$path")"
         file="${base%%.ko*}.ko"
@@ -390,7 +411,9 @@ vdi__modules_closure() {
 # ----------------------------------------------------------- guest files ---
 
 vdi__guest_bin_dir() {
-    printf '%s\n' "$VDI_CACHE/guest-bin/$( (gcc -dumpfullversion; cat "$VDI_CI_DIR"/guest/*.c) | sha256sum | cut -c1-16)"
+    # The guest programs may include the SVA module's user interface.
+    printf '%s\n' "$VDI_CACHE/guest-bin/$( (gcc -dumpfullversion; cat "$VDI_CI_DIR"/guest/*.c \
+        "$VDI_CI_DIR"/../guest/sva/viommu-sva.h) | sha256sum | cut -c1-16)"
 }
 
 vdi__ensure_guest_bins() {
@@ -549,9 +572,14 @@ vdi_provision() {
     vdi__ensure_qemu
     vdi__ensure_busybox
     vdi__ensure_guest_bins
-    local i rels=() labels=() debvers=() images=() dirs=() initrds=() kdir
+    local i rels=() labels=() debvers=() images=() dirs=() initrds=() kbuilds=() kdir kb
+    vdi__kbuild_fetched_lists=0
     for ((i = 0; i < VDI_KERNEL_COUNT; i++)); do
         vdi__ensure_kernel "$i"
+        [[ "${VDI_KBUILD:-0}" == 1 ]] && vdi__ensure_kbuild "$i"
+        kb="$(vdi__kbuild_dir "$i")"
+        [[ -e "$kb/.complete" ]] || kb=""
+        kbuilds+=("$kb")
         kdir="$(vdi__kernel_dir "$i")"
         rels+=("$(cat "$kdir/release")")
         labels+=("$(cat "$kdir/label")")
@@ -585,6 +613,7 @@ vdi_provision() {
         printf 'VDI_KERNEL_IMAGES=(%s)\n' "$(printf '%q ' "${images[@]}")"
         printf 'VDI_KERNEL_DIRS=(%s)\n' "$(printf '%q ' "${dirs[@]}")"
         printf 'VDI_INITRAMFS=(%s)\n' "$(printf '%q ' "${initrds[@]}")"
+        printf 'VDI_KBUILD_DIRS=(%s)\n' "$(printf '%q ' "${kbuilds[@]}")"
     } >"$env.tmp"
     mv "$env.tmp" "$env"
     mkdir -p "$VDI_CACHE/bin"
@@ -593,7 +622,7 @@ vdi_provision() {
     for f in "$VDI_CACHE"/initramfs/*.cpio.gz; do   # drop stale base initramfs
         [[ " ${initrds[*]} " == *" $f "* ]] || rm -f "$f"
     done
-    if [[ "$mode" == cold && "${VDI_KEEP_APT:-0}" != 1 ]]; then
+    if [[ ("$mode" == cold || "$vdi__kbuild_fetched_lists" == 1) && "${VDI_KEEP_APT:-0}" != 1 ]]; then
         rm -rf "$VDI_CACHE/apt"
     fi
     vdi__log "provisioning done ($mode) in $(vdi__elapsed)s: QEMU $qv, kernels ${rels[*]}, accel $accel"
@@ -604,7 +633,8 @@ if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
     # tested with ||), passing the knobs even if they are not exported.
     env VDI_CACHE="$VDI_CACHE" VDI_REFRESH="${VDI_REFRESH:-0}" VDI_DEBIAN_MIRROR="$VDI_DEBIAN_MIRROR" \
         VDI_KERNEL_SPECS="$VDI_KERNEL_SPECS" VDI_DEFAULT_MODULES="$VDI_DEFAULT_MODULES" \
-        VDI_ACCEL="${VDI_ACCEL:-auto}" bash "${BASH_SOURCE[0]}" --quiet || return 1
+        VDI_ACCEL="${VDI_ACCEL:-auto}" VDI_KBUILD="${VDI_KBUILD:-0}" VDI_KEEP_APT="${VDI_KEEP_APT:-0}" \
+        bash "${BASH_SOURCE[0]}" --quiet || return 1
     # shellcheck source=/dev/null
     source "$VDI_CACHE/env.sh"
     # shellcheck source=/dev/null

@@ -270,7 +270,9 @@ fn send_group(kernel: &OwnedFd, records: &[HwptPgfault]) {
 /// The next response the daemon wrote, waiting at most `WAIT`.
 fn response(kernel: &OwnedFd) -> (u32, u32) {
     let deadline = Instant::now() + WAIT;
-    let mut buf = [0u8; 8];
+    // The daemon writes the responses of a batch in one write: here,
+    // one group answered at a time, so one response a write.
+    let mut buf = [0u8; 512];
     loop {
         match nix::sys::socket::recv(
             std::os::fd::AsRawFd::as_raw_fd(kernel),
@@ -278,7 +280,7 @@ fn response(kernel: &OwnedFd) -> (u32, u32) {
             nix::sys::socket::MsgFlags::MSG_DONTWAIT,
         ) {
             Ok(8) => break,
-            Ok(n) => panic!("a {n}-byte response"),
+            Ok(n) => panic!("{n} bytes of responses, one 8-byte response expected"),
             Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => {
                 thread::sleep(Duration::from_millis(1))
             }
@@ -286,7 +288,7 @@ fn response(kernel: &OwnedFd) -> (u32, u32) {
         }
     }
     let mut r = HwptPageResponse::default();
-    r.as_mut_slice().copy_from_slice(&buf);
+    r.as_mut_slice().copy_from_slice(&buf[..8]);
     (r.cookie.to_native(), r.code.to_native())
 }
 

@@ -140,12 +140,13 @@ fn record(pasid: u32, grpid: u32, cookie: u32) -> HwptPgfault {
 /// Reads `n` responses from the kernel side of a fault queue, spinning.
 fn spin_responses(kernel: &OwnedFd, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut buf = [0u8; 8];
+    // A batch's responses come in one write.
+    let mut buf = [0u8; 8 * 64];
     let mut got = 0;
     while got < n {
         match recv(kernel.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(8) => got += 1,
-            Ok(n) => panic!("a {n}-byte response"),
+            Ok(len) if len > 0 && len % 8 == 0 => got += len / 8,
+            Ok(len) => panic!("{len} bytes of responses"),
             Err(nix::errno::Errno::EAGAIN) => {
                 assert!(Instant::now() < deadline, "responses missing");
                 std::thread::yield_now();

@@ -88,6 +88,8 @@ pub struct EventQueue {
     /// Everything the guest can cause here is logged at most once a
     /// second.
     guest_errors: RateLimited,
+    /// Buffers were used without notifying the driver yet.
+    unsignalled: bool,
 }
 
 impl EventQueue {
@@ -209,7 +211,8 @@ impl EventQueue {
     /// Puts a page-request group on the queue: each record in a buffer of
     /// its own, all of them or none (a driver that sees part of a group
     /// waits for a LAST that never comes). Faults waiting for a buffer go
-    /// first.
+    /// first. The driver is notified by [`Self::notify`], once for all the
+    /// groups of a batch.
     pub fn post_group(&mut self, records: &[FaultRecordExt], mem: &Mem) -> Result<(), Undelivered> {
         if self.vring.is_none() || self.broken {
             return Err(Undelivered::NoBuffer);
@@ -246,7 +249,7 @@ impl EventQueue {
             self.complete(h.head, len);
             self.spare.push(h.buf);
         }
-        self.signal();
+        self.unsignalled = true;
         match failed {
             Some(why) => {
                 self.guest_errors
@@ -315,6 +318,14 @@ impl EventQueue {
                 self.guest_errors
                     .warn(format_args!("event queue add_used: {e}"));
             }
+        }
+    }
+
+    /// Notifies the driver of the groups [`Self::post_group`] put on the
+    /// queue since the last call.
+    pub fn notify(&mut self) {
+        if std::mem::take(&mut self.unsignalled) {
+            self.signal();
         }
     }
 

@@ -222,16 +222,20 @@ impl FaultQueue {
         }
     }
 
-    /// Writes the answer of the group with `cookie`: one 8-byte record,
-    /// never blocking (the kernel's queue always takes it).
-    pub(crate) fn respond(&self, cookie: u32, code: ResponseCode) -> io::Result<()> {
-        let r = iommufd::response(cookie, code);
+    /// Writes the answers of groups, by cookie: 8-byte records in one
+    /// write, never blocking (the kernel's queue always takes them).
+    pub(crate) fn respond(&self, responses: &[(u32, ResponseCode)]) -> io::Result<()> {
+        let bytes: Vec<u8> = responses
+            .iter()
+            .flat_map(|&(cookie, code)| iommufd::response(cookie, code).as_slice().to_vec())
+            .collect();
         loop {
-            match nix::unistd::write(&self.fd, r.as_slice()) {
-                Ok(n) if n == r.as_slice().len() => return Ok(()),
+            match nix::unistd::write(&self.fd, &bytes) {
+                Ok(n) if n == bytes.len() => return Ok(()),
                 Ok(n) => {
                     return Err(io::Error::other(format!(
-                        "a {n}-byte partial write of an 8-byte response"
+                        "a partial write ({n} of {} bytes)",
+                        bytes.len()
                     )))
                 }
                 Err(Errno::EINTR) => continue,

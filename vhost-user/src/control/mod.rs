@@ -438,15 +438,21 @@ impl Server {
         };
         let mut gone = None;
         if set.intersects(EventSet::IN) {
-            let have = q.input.len();
+            // Up to READ_BATCH records, in as many reads as it takes (a
+            // stand-in socket hands out one group per read).
+            let mut have = q.input.len();
             q.input.resize(READ_BATCH * RECORD_SIZE, 0);
-            match q.queue.read(&mut q.input[have..]) {
-                Ok(n) => q.input.truncate(have + n),
-                Err(e) => {
-                    q.input.truncate(have);
-                    gone = Some(format!("read failed ({e})"));
+            while have < q.input.len() {
+                match q.queue.read(&mut q.input[have..]) {
+                    Ok(0) => break,
+                    Ok(n) => have += n,
+                    Err(e) => {
+                        gone = Some(format!("read failed ({e})"));
+                        break;
+                    }
                 }
             }
+            q.input.truncate(have);
             let records = take_records(&mut q.input);
             let queue = q.queue.clone();
             if !records.is_empty() {

@@ -16,7 +16,8 @@ use std::{
 use viommu::{
     pgtable,
     prq::{
-        iommufd, Answer, AutoCause, Cause, Delivery, GroupKey, PageAccess, PageRequest, SourceId,
+        iommufd, Answer, AutoCause, Cause, Delivery, GroupKey, PageAccess, PageRequest,
+        ResponseCode, SourceId,
     },
     wire::{FaultRecordExt, HwptPgfault},
     Viommu,
@@ -65,6 +66,9 @@ impl Default for PageSourceStats {
         }
     }
 }
+
+/// Responses (cookie, code) waiting to be written on one fault queue.
+type QueueResponses = (Arc<FaultQueue>, Vec<(u32, ResponseCode)>);
 
 /// The PAGE_RESPONSE `cause` of an answer: 0 for the guest's, else the
 /// device's reason numbered from 1 in `AutoCause::ALL` order.
@@ -115,6 +119,8 @@ impl Iommu {
                 self.deliver(&mut model, d, mem.as_ref());
             }
         }
+        // One interrupt for the whole batch.
+        self.events().notify();
         self.publish(model);
         refs.finish();
     }
@@ -160,6 +166,7 @@ impl Iommu {
         };
         if let Some(d) = model.raise_page_request(request, now, &mut refs) {
             self.deliver(&mut model, d, mem.as_ref());
+            self.events().notify();
         }
         self.publish(model);
         refs.finish();
@@ -192,7 +199,7 @@ impl Iommu {
                         .warn(format_args!("fault queue record refused: {why}"));
                     if iommufd::is_last(r) {
                         let cookie = r.cookie.to_native();
-                        self.respond_on_queue(queue, cookie, viommu::prq::ResponseCode::Invalid);
+                        self.respond_on_queue(queue, &[(cookie, ResponseCode::Invalid)]);
                     }
                 }
             }
@@ -228,6 +235,9 @@ impl Iommu {
         }
         let mut refs = self.binding_refs();
         let mut wake = false;
+        // Responses for fault queues go out one write per queue (the
+        // kernel takes an array of them).
+        let mut batches: Vec<QueueResponses> = Vec::new();
         for a in answers {
             let route = self.sources().route(a.source);
             let sent = match route {
@@ -250,7 +260,14 @@ impl Iommu {
                     }
                     None => false,
                 },
-                Some(Route::Queue(q)) => self.respond_on_queue(&q, a.token as u32, a.code()),
+                Some(Route::Queue(q)) => {
+                    let response = (a.token as u32, a.code());
+                    match batches.iter_mut().find(|(b, _)| Arc::ptr_eq(b, &q)) {
+                        Some((_, rs)) => rs.push(response),
+                        None => batches.push((q, vec![response])),
+                    }
+                    true
+                }
                 None => false,
             };
             if !sent {
@@ -260,30 +277,32 @@ impl Iommu {
             }
             a.finish(&mut refs);
         }
+        for (q, responses) in batches {
+            self.respond_on_queue(&q, &responses);
+        }
         if wake {
             self.hub.wake_server();
         }
         refs.finish();
     }
 
-    fn respond_on_queue(
-        &self,
-        queue: &FaultQueue,
-        cookie: u32,
-        code: viommu::prq::ResponseCode,
-    ) -> bool {
-        match queue.respond(cookie, code) {
+    /// Writes `responses` (cookie, code) on a fault queue in one write;
+    /// a failed write loses them all (counted).
+    fn respond_on_queue(&self, queue: &FaultQueue, responses: &[(u32, ResponseCode)]) {
+        let n = responses.len() as u64;
+        match queue.respond(responses) {
             Ok(()) => {
                 self.source_stats
                     .queue_responses
-                    .fetch_add(1, Ordering::Relaxed);
-                true
+                    .fetch_add(n, Ordering::Relaxed);
             }
             Err(e) => {
-                self.source_stats.errors.warn(format_args!(
-                    "fault queue: writing the response of cookie {cookie}: {e}"
-                ));
-                false
+                self.source_stats
+                    .answers_lost
+                    .fetch_add(n, Ordering::Relaxed);
+                self.source_stats
+                    .errors
+                    .warn(format_args!("fault queue: writing {n} responses: {e}"));
             }
         }
     }

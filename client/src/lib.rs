@@ -174,7 +174,19 @@ impl PageRequestTicket {
     /// page request, by the guest or (INVALID) by itself, within its
     /// `--page-request-timeout-ms`.
     pub fn wait(self, timeout: Duration) -> Result<PageResponse, Error> {
-        match self.slot.take_until(Instant::now() + timeout) {
+        let deadline = Instant::now() + timeout;
+        // An answer the guest gives at once is read here, without waking
+        // the reader thread and then this one.
+        if let Some(shared) = self.shared.upgrade() {
+            let spin_until = (Instant::now() + REPLY_SPIN).min(deadline);
+            while !self.slot.is_ready() && Instant::now() < spin_until {
+                if let Ok(mut reader) = shared.reader.try_lock() {
+                    shared.drain(&mut reader);
+                }
+                thread::yield_now();
+            }
+        }
+        match self.slot.take_until(deadline) {
             Some(Some(Reply::PageResponse(r))) => Ok(r),
             Some(Some(_)) => Err(Error::Protocol("unexpected answer to a page request")),
             Some(None) => Err(Error::Disconnected),

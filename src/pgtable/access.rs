@@ -65,7 +65,7 @@ pub struct PageTranslation {
     pub user: bool,
     /// Instruction fetches are allowed for this privilege.
     pub executable: bool,
-    /// The page is dirty-marked now (x86 D=1, Arm AP[2]=0), so writes may
+    /// The page is dirty-marked now (x86 D=1, Arm `AP[2]`=0), so writes may
     /// use this translation without a walk. When `writable` but not
     /// `dirty`, a cached translation serves reads only: the next write
     /// must walk again so that the dirty mark lands in the guest's table.

@@ -27,9 +27,9 @@ use super::{ConfigError, PageAccess, PageTranslation, TableMemory, WalkFault, MA
 
 /// `s1fmt`: a linear CD table.
 pub const S1FMT_LINEAR: u8 = 0;
-/// `s1fmt`: two levels, 4 KiB leaf tables (SSID[5:0] indexes the leaf).
+/// `s1fmt`: two levels, 4 KiB leaf tables (`SSID[5:0]` indexes the leaf).
 pub const S1FMT_4K_L2: u8 = 1;
-/// `s1fmt`: two levels, 64 KiB leaf tables (SSID[9:0] indexes the leaf).
+/// `s1fmt`: two levels, 64 KiB leaf tables (`SSID[9:0]` indexes the leaf).
 pub const S1FMT_64K_L2: u8 = 2;
 
 const CD_SIZE: u64 = 64;

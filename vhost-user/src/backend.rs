@@ -5,7 +5,7 @@
 //! Nothing a guest sends can end the connection or wedge the daemon:
 //! malformed requests are logged and completed with used length 0,
 //! refused ones with a status, and a ring whose indexes make no sense is
-//! stopped (see [`RingState`]). Callbacks return `Err` only for conditions
+//! stopped (see `RingState`). Callbacks return `Err` only for conditions
 //! that really are fatal for the connection (vhost-user-backend closes it
 //! on any `Err`), with two exceptions that the library answers with a
 //! failure code and goes on: `set_device_state_fd` and

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`Iommu`]: the state the vhost-user backend and the control server
 //! share. It owns the device model, the event queue, the guest memory of
-//! the current connection, the PASID service and the [`Hub`] of control
+//! the current connection, the PASID service and the `Hub` of control
 //! clients, and the rules that tie them together: changes reach the
 //! clients before the guest's request completes, PASID operations run
 //! without the model's lock, a reset clears everything in order.
@@ -188,7 +188,7 @@ impl Iommu {
     }
 
     /// Write access to the device model. Changes it records reach the
-    /// control clients through [`Self::publish`].
+    /// control clients through `Iommu::publish`.
     pub fn model_mut(&self) -> RwLockWriteGuard<'_, Viommu> {
         self.model.write().unwrap_or_else(|e| e.into_inner())
     }

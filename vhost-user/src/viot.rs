@@ -300,7 +300,7 @@ pub fn build_viot(
 /// `vhost-device-iommu viot`: write an ACPI VIOT for QEMU's `-acpitable`.
 #[derive(Debug, Args)]
 pub struct ViotArgs {
-    /// PCI address of the virtio-iommu function ([SEG:]BUS:DEV.FN, hex).
+    /// PCI address of the virtio-iommu function (`[SEG:]BUS:DEV.FN`, hex).
     #[arg(long, value_name = "BDF", value_parser = parse_address)]
     pub iommu_bdf: PciAddress,
 

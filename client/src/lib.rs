@@ -13,7 +13,9 @@
 //!   device model translates again;
 //! - `attach_fault_queue`: a host iommufd fault queue whose page requests
 //!   the daemon forwards to the guest, answering on the queue;
-//! - `query`: the inspection documents `ctl` prints.
+//! - `query`: the inspection documents `ctl` prints;
+//! - [`shadow`]: the guest IOMMU shadowed into VFIO or iommufd for
+//!   passed-through devices (one `DmaMapper` per endpoint).
 //!
 //! Coherence: with the cache on, the daemon does not complete a guest
 //! UNMAP or DETACH before this client has dropped the affected
@@ -28,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod shadow;
 
 use std::{
     collections::HashMap,

@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod mappers;
 pub mod shadow;
 
 use std::{

@@ -837,6 +837,55 @@ impl Client {
         }
     }
 
+    /// Tells the daemon what the host IOMMU imposes on a passed-through
+    /// `endpoint` (what QEMU's `HostIOMMUDevice` gives its virtio-iommu):
+    /// its reserved IOVA regions, which replace any given before and go
+    /// into the guest's PROBE of it, and the host's page sizes
+    /// (`page_size_mask`, 0 for none), which narrow the device's
+    /// `page_size_mask` if no guest driver has read it yet and are refused
+    /// otherwise when the guest's granule is too small for the host. Give
+    /// them before the guest driver probes the endpoint (before boot, or
+    /// before a hotplug). Returns the regions the endpoint's PROBE now
+    /// adds to the device-wide ones (host regions merged, minus what the
+    /// device already reserves).
+    pub fn set_host_constraints(
+        &self,
+        endpoint: u32,
+        page_size_mask: u64,
+        regions: &[viommu::ReservedRegion],
+    ) -> Result<Vec<(u64, u64)>, Error> {
+        let regions = regions
+            .iter()
+            .map(|r| msg::HostRegion {
+                start: r.start,
+                end: r.end,
+                subtype: r.subtype,
+            })
+            .collect();
+        match self.call(Space::iova(endpoint), 0, |tag| {
+            msg::SetHostConstraints {
+                tag,
+                endpoint,
+                page_size_mask,
+                regions,
+            }
+            .into()
+        })? {
+            Reply::Result(RESULT_OK, list) => Ok(list
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .filter_map(|r| {
+                    let (a, b) = r.split_once('-')?;
+                    let p = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+                    Some((p(a)?, p(b)?))
+                })
+                .collect()),
+            Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
+            Reply::Result(status, message) => Err(Error::Daemon { status, message }),
+            _ => Err(Error::Protocol("unexpected reply to SET_HOST_CONSTRAINTS")),
+        }
+    }
+
     /// Reports an unrecoverable fault of `endpoint` at `address`; the
     /// daemon delivers it on the guest's event queue. `reason` is a
     /// `VIRTIO_IOMMU_FAULT_R_*` value.

@@ -247,3 +247,44 @@ fn the_guest_unmap_completes_only_after_the_shadow_unmapped_on_the_host() {
     follower.join().unwrap().unwrap();
     assert!(d.errors().is_empty(), "{:?}", d.errors());
 }
+
+#[test]
+fn the_access_platform_adapter_translates_with_the_access_direction() {
+    use viommu_client::{platform::Remapper, Access};
+    let d = Daemon::start(&["--endpoints", "0x20"]);
+    let mut g = Guest::connect(&d.socket, GuestOptions::default());
+    assert_eq!(g.attach(1, EP), VIRTIO_IOMMU_S_OK);
+    let ro = VIRTIO_IOMMU_MAP_F_READ;
+    assert_eq!(g.map(1, 0x1000, 0x1fff, 0x8000, ro), VIRTIO_IOMMU_S_OK);
+    assert_eq!(g.map(1, 0x2000, 0x2fff, 0x9000, ro), VIRTIO_IOMMU_S_OK);
+    assert_eq!(g.map(1, 0x3000, 0x3fff, 0x20000, RW), VIRTIO_IOMMU_S_OK);
+    let client = Arc::new(
+        Client::connect(
+            &d.control,
+            Options {
+                cache: true,
+                subscribe: None,
+            },
+        )
+        .unwrap(),
+    );
+    let dev = Remapper::new(client).endpoint(EP);
+    assert_eq!(dev.translate(0x1800, 0x10, Access::Read).unwrap(), 0x8800);
+    // Two mappings contiguous in guest memory: one address.
+    assert_eq!(dev.translate(0x1800, 0x1000, Access::Read).unwrap(), 0x8800);
+    let e = dev.translate(0x1800, 0x10, Access::Write).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    let e = dev.translate(0x2800, 0x1000, Access::Read).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+    assert_eq!(
+        dev.translate(0x3000, 0x1000, Access::Write).unwrap(),
+        0x20000
+    );
+    // After the guest's UNMAP completes, nothing translates.
+    assert_eq!(g.unmap(1, 0x3000, 0x3fff), VIRTIO_IOMMU_S_OK);
+    assert!(dev.translate(0x3000, 0x10, Access::Read).is_err());
+    assert_eq!(
+        dev.translate_gpa(0x8000, 0x10).unwrap_err().kind(),
+        io::ErrorKind::Unsupported
+    );
+}

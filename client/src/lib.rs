@@ -15,7 +15,10 @@
 //!   the daemon forwards to the guest, answering on the queue;
 //! - `query`: the inspection documents `ctl` prints;
 //! - [`shadow`]: the guest IOMMU shadowed into VFIO or iommufd for
-//!   passed-through devices (one `DmaMapper` per endpoint).
+//!   passed-through devices (one `DmaMapper` per endpoint, [`mappers`]);
+//! - [`platform`]: translations for emulated devices in the shape of
+//!   cloud-hypervisor's `AccessPlatform` / `DmaRemapping`, with the
+//!   access direction.
 //!
 //! Coherence: with the cache on, the daemon does not complete a guest
 //! UNMAP or DETACH before this client has dropped the affected
@@ -31,6 +34,7 @@
 
 pub mod cache;
 pub mod mappers;
+pub mod platform;
 pub mod shadow;
 
 use std::{

@@ -4,7 +4,8 @@
 //!
 //! 1. open the device's VFIO container (your VMM already does);
 //! 2. tell the daemon what the host IOMMU imposes on the endpoint, before
-//!    the guest boots (`set_host_constraints`);
+//!    the guest boots (`VfioMapper::host_constraints`, then
+//!    `set_host_constraints`);
 //! 3. build the guest-physical -> host-virtual table of guest RAM;
 //! 4. register a mapper for the endpoint with a `Shadow`;
 //! 5. follow the daemon's event stream as a SYNC subscriber, forever:
@@ -100,6 +101,13 @@ fn run(a: &Args) -> Result<(), String> {
     let ops: Arc<dyn VfioOps> = container.clone();
     let sysfs = PathBuf::from("/sys/bus/pci/devices").join(&a.device);
     let _device = VfioDevice::new(&sysfs, ops, false).map_err(|e| e.to_string())?;
+    // What its host IOMMU cannot map (IOVA holes, page sizes), plus any
+    // given on the command line.
+    let mut host = VfioMapper::host_constraints(&container).map_err(|e| e.to_string())?;
+    host.regions.extend(a.reserved.iter().copied());
+    if a.page_sizes != 0 {
+        host.page_size_mask = a.page_sizes;
+    }
 
     // 3. Guest RAM and its table (here one region at guest-physical 0).
     let size = a.ram_mib << 20;
@@ -137,12 +145,10 @@ fn run(a: &Args) -> Result<(), String> {
         };
         // 2. Host constraints (again after a daemon restart: they are not
         //    part of its saved state).
-        if !a.reserved.is_empty() || a.page_sizes != 0 {
-            let added = client
-                .set_host_constraints(a.endpoint, a.page_sizes, &a.reserved)
-                .map_err(|e| format!("host constraints refused: {e}"))?;
-            println!("passthrough: PROBE of {:#x} adds {added:x?}", a.endpoint);
-        }
+        let added = client
+            .set_host_constraints(a.endpoint, host.page_size_mask, &host.regions)
+            .map_err(|e| format!("host constraints refused: {e}"))?;
+        println!("passthrough: PROBE of {:#x} adds {added:x?}", a.endpoint);
         // 6. An emulated device would translate like this.
         let _emulated = Remapper::new(client.clone()).endpoint(a.endpoint + 1);
 

@@ -21,6 +21,57 @@ use std::io;
 use crate::shadow::GuestRam;
 use crate::shadow::{DmaMapper, Prot};
 
+/// The host constraints of an IOMMU whose usable IOVA ranges are
+/// `usable` (inclusive, any order): the holes between them as reserved
+/// regions, and the page sizes `page_size_mask`; what
+/// [`crate::Client::set_host_constraints`] takes.
+pub fn constraints_from_ranges(
+    mut usable: Vec<(u64, u64)>,
+    page_size_mask: u64,
+) -> io::Result<viommu::HostConstraints> {
+    usable.sort_unstable();
+    let mut regions = Vec::new();
+    let mut next = Some(0u64);
+    for (start, end) in usable {
+        if start > end {
+            return Err(io::Error::other(format!(
+                "the host reports an empty IOVA range {start:#x}-{end:#x}"
+            )));
+        }
+        if let Some(n) = next {
+            if start > n {
+                regions.push(hole(n, start - 1));
+            }
+        }
+        next = match next {
+            Some(n) if end < n => Some(n),
+            _ => end.checked_add(1),
+        };
+    }
+    if let Some(n) = next {
+        regions.push(hole(n, u64::MAX));
+    }
+    if regions.len() > viommu::host::MAX_HOST_REGIONS {
+        return Err(io::Error::other(format!(
+            "the host reports {} IOVA holes; at most {} can be given",
+            regions.len(),
+            viommu::host::MAX_HOST_REGIONS
+        )));
+    }
+    Ok(viommu::HostConstraints {
+        page_size_mask,
+        regions,
+    })
+}
+
+fn hole(start: u64, end: u64) -> viommu::ReservedRegion {
+    viommu::ReservedRegion {
+        start,
+        end,
+        subtype: viommu::wire::VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+    }
+}
+
 #[cfg(any(feature = "vfio", feature = "iommufd", test))]
 fn not_ram(gpa: u64, size: u64) -> io::Error {
     io::Error::new(
@@ -37,10 +88,12 @@ mod vfio {
     use std::{io, mem, sync::Arc};
 
     use vfio_bindings::bindings::vfio::{
-        vfio_iommu_type1_dma_map, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE,
+        vfio_iommu_type1_dma_map, vfio_iommu_type1_info, VFIO_DMA_MAP_FLAG_READ,
+        VFIO_DMA_MAP_FLAG_WRITE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_INFO_PGSIZES,
+        VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
     };
     use vfio_ioctls::VfioContainer;
-    use vmm_sys_util::ioctl::ioctl_with_ref;
+    use vmm_sys_util::ioctl::{ioctl_with_mut_ptr, ioctl_with_ref};
 
     use super::{not_ram, DmaMapper, GuestRam, Prot};
 
@@ -86,6 +139,89 @@ mod vfio {
         }
     }
 
+    // `_IO(VFIO_TYPE, VFIO_BASE + 12)`: vfio-ioctls keeps its own private.
+    vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_GET_INFO, u32::from(b';'), 100 + 12);
+
+    impl VfioMapper {
+        /// What the host IOMMU of `container` imposes on its devices
+        /// (`VFIO_IOMMU_GET_INFO`: the holes between its
+        /// `VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE` ranges, and
+        /// `iova_pgsizes`), for [`crate::Client::set_host_constraints`].
+        pub fn host_constraints(container: &VfioContainer) -> io::Result<viommu::HostConstraints> {
+            let head = mem::size_of::<vfio_iommu_type1_info>();
+            let mut argsz = head;
+            // u64 words: the kernel's structures are 8-byte aligned.
+            let mut buf: Vec<u64>;
+            loop {
+                buf = vec![0; argsz.div_ceil(8)];
+                // `argsz` is the first (little-endian) word; the rest is
+                // zero.
+                buf[0] = argsz as u64;
+                // SAFETY: an ioctl on the container's open descriptor; the
+                // kernel writes at most `argsz` bytes, which `buf` holds,
+                // and the result is checked.
+                let ret = unsafe {
+                    ioctl_with_mut_ptr(container, VFIO_IOMMU_GET_INFO(), buf.as_mut_ptr())
+                };
+                if ret < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let needed = (buf[0] & 0xffff_ffff) as usize;
+                if needed <= argsz || argsz > 64 * 1024 {
+                    break;
+                }
+                argsz = needed;
+            }
+            let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let u32_at = |o: usize| {
+                bytes
+                    .get(o..o + 4)
+                    .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()))
+            };
+            let u64_at = |o: usize| {
+                bytes
+                    .get(o..o + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+            };
+            let flags = u32_at(4).unwrap_or(0);
+            let pgsizes = if flags & VFIO_IOMMU_INFO_PGSIZES != 0 {
+                u64_at(8).unwrap_or(0)
+            } else {
+                0
+            };
+            let mut usable = Vec::new();
+            let mut at = if flags & VFIO_IOMMU_INFO_CAPS != 0 {
+                u32_at(16).unwrap_or(0) as usize
+            } else {
+                0
+            };
+            // A capability chain that loops or leaves the buffer ends.
+            let mut hops = 0;
+            while at >= head && hops < 64 {
+                hops += 1;
+                let (Some(id_version), Some(next)) = (u32_at(at), u32_at(at + 4)) else {
+                    break;
+                };
+                if id_version & 0xffff == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE {
+                    let n = u32_at(at + 8).unwrap_or(0) as usize;
+                    for i in 0..n {
+                        let o = at + 16 + 16 * i;
+                        match (u64_at(o), u64_at(o + 8)) {
+                            (Some(s), Some(e)) => usable.push((s, e)),
+                            _ => break,
+                        }
+                    }
+                }
+                at = next as usize;
+            }
+            if usable.is_empty() {
+                // No range capability: the whole space is usable.
+                usable.push((0, u64::MAX));
+            }
+            super::constraints_from_ranges(usable, pgsizes)
+        }
+    }
+
     impl DmaMapper for VfioMapper {
         fn map(&self, iova: u64, gpa: u64, size: u64, prot: Prot) -> io::Result<()> {
             let hva = self
@@ -123,11 +259,13 @@ mod iommufd {
     use std::{io, mem, sync::Arc};
 
     use iommufd_bindings::iommufd::{
-        iommu_ioas_map, iommu_ioas_unmap, iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA,
+        iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_unmap, iommu_iova_range,
+        iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA,
         iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE,
         iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE,
     };
     use iommufd_ioctls::IommuFd;
+    use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 
     use super::{not_ram, DmaMapper, GuestRam, Prot};
 
@@ -174,6 +312,58 @@ mod iommufd {
                 iova,
             }
         }
+    }
+
+    // `_IO(IOMMUFD_TYPE, 0x84)`: not wrapped by iommufd-ioctls.
+    vmm_sys_util::ioctl_io_nr!(IOMMU_IOAS_IOVA_RANGES, u32::from(b';'), 0x84);
+
+    impl IommufdMapper {
+        /// What the host IOMMU imposes on the devices attached to the IOAS
+        /// `ioas_id` (`IOMMU_IOAS_IOVA_RANGES`: the holes between its
+        /// allowed ranges, and its IOVA alignment as the smallest page),
+        /// for [`crate::Client::set_host_constraints`].
+        pub fn host_constraints(
+            iommufd: &IommuFd,
+            ioas_id: u32,
+        ) -> io::Result<viommu::HostConstraints> {
+            let mut ranges: Vec<iommu_iova_range> = Vec::new();
+            let mut arg;
+            loop {
+                arg = iommu_ioas_iova_ranges {
+                    size: mem::size_of::<iommu_ioas_iova_ranges>() as u32,
+                    ioas_id,
+                    num_iovas: ranges.len() as u32,
+                    __reserved: 0,
+                    allowed_iovas: ranges.as_mut_ptr() as u64,
+                    out_iova_alignment: 0,
+                };
+                // SAFETY: an ioctl on the open iommufd; the kernel writes
+                // at most `num_iovas` entries at `allowed_iovas`, which
+                // `ranges` holds, and the result is checked.
+                let ret =
+                    unsafe { ioctl_with_mut_ref(iommufd, IOMMU_IOAS_IOVA_RANGES(), &mut arg) };
+                if ret == 0 {
+                    break;
+                }
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() != Some(libc_emsgsize()) || arg.num_iovas > 4096 {
+                    return Err(err);
+                }
+                ranges = vec![iommu_iova_range::default(); arg.num_iovas as usize];
+            }
+            ranges.truncate(arg.num_iovas as usize);
+            let align = arg.out_iova_alignment.max(1);
+            let mask = if align.is_power_of_two() {
+                !(align - 1)
+            } else {
+                0
+            };
+            super::constraints_from_ranges(ranges.iter().map(|r| (r.start, r.last)).collect(), mask)
+        }
+    }
+
+    fn libc_emsgsize() -> i32 {
+        90
     }
 
     impl DmaMapper for IommufdMapper {
@@ -291,6 +481,32 @@ mod tests {
         fn unmap(&self, _: u64, _: u64) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn host_holes_are_the_complement_of_the_usable_ranges() {
+        // A 39-bit IOMMU with the x86 MSI window cut out.
+        let c = constraints_from_ranges(
+            vec![(0xfef0_0000, (1 << 39) - 1), (0, 0xfedf_ffff)],
+            0x4020_1000,
+        )
+        .unwrap();
+        let got: Vec<(u64, u64)> = c.regions.iter().map(|r| (r.start, r.end)).collect();
+        assert_eq!(got, [(0xfee0_0000, 0xfeef_ffff), (1 << 39, u64::MAX)]);
+        assert_eq!(c.page_size_mask, 0x4020_1000);
+        // Everything usable: no hole; nested and touching ranges.
+        assert!(constraints_from_ranges(vec![(0, u64::MAX)], 0)
+            .unwrap()
+            .regions
+            .is_empty());
+        let c = constraints_from_ranges(
+            vec![(0x1000, 0x8fff), (0x2000, 0x2fff), (0x9000, u64::MAX)],
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.regions.len(), 1);
+        assert_eq!((c.regions[0].start, c.regions[0].end), (0, 0xfff));
+        assert!(constraints_from_ranges(vec![(5, 1)], 0).is_err());
     }
 
     #[test]

@@ -33,7 +33,8 @@
 #               frontend playing a nested guest's driver, with
 #               viommu-client's shadow layer on edu's VFIO container, and
 #               on an iommufd IOAS where the kernel has /dev/iommu, else
-#               SKIP) program edu's DMA engine at nested IOVAs: bytes,
+#               SKIP) check that the host IOMMU's holes reach the nested
+#               PROBE, and program edu's DMA engine at nested IOVAs: bytes,
 #               the DMA failing after UNMAP (and its fault in the guest's
 #               dmesg), bypass after DETACH, a MAP/UNMAP latency benchmark
 #               (ci/guest/nested-test.sh);
@@ -262,7 +263,7 @@ boot() {
             guest_checks=(driver-probe)
             local b c
             for b in vfio iommufd; do
-                for c in nested-dma nested-unmap nested-bypass nested-fault nested-daemon nested-bench; do
+                for c in nested-constraints nested-dma nested-unmap nested-bypass nested-fault nested-daemon nested-bench; do
                     guest_checks+=("$c-$b")
                 done
             done

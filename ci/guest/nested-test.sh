@@ -8,7 +8,9 @@
 # /usr/lib/nested) and nested-vmm, which plays the nested guest's driver
 # over vhost-user and shadows its IOMMU into edu's container or IOAS
 # with viommu-client, then programs edu's DMA engine (see
-# nested-vmm/src/main.rs). Checks: the DMA at mapped IOVAs, the same DMA
+# nested-vmm/src/main.rs). Checks: the host IOMMU's IOVA holes (read from
+# the container or IOAS) in the nested guest's PROBE and a MAP into one
+# refused, the DMA at mapped IOVAs, the same DMA
 # failing after UNMAP, bypass after DETACH, the fault that failed DMA
 # raised in this guest's virtio-iommu (dmesg), the daemon's log, and a
 # MAP/UNMAP latency benchmark through the shadow vs. the same ioctls
@@ -73,7 +75,7 @@ stop_daemon() { # BACKEND LOG
 for backend in vfio iommufd; do
     if [ $backend = iommufd ] && [ ! -e /dev/iommu ]; then
         why="kernel $(uname -r) has no /dev/iommu (CONFIG_IOMMUFD is not set)"
-        for c in nested-dma nested-unmap nested-bypass nested-fault nested-daemon nested-bench; do
+        for c in nested-constraints nested-dma nested-unmap nested-bypass nested-fault nested-daemon nested-bench; do
             echo "VDI-RESULT SKIP $c-$backend $why"
         done
         continue

@@ -69,6 +69,9 @@ const DST_IOVA: u64 = 0x30_0000;
 const EDU_BUF: u64 = 0x4_0000;
 const LEN: u64 = 0x1000;
 const DOMAIN: u32 = 1;
+/// Where PROBE requests go, and the daemon's default `probe_size`.
+const PROBE_AREA: u64 = 0x18000;
+const PROBE_SIZE: usize = 512;
 const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
 
 struct Args {
@@ -212,14 +215,45 @@ impl Nested {
     /// Sends one request (its device-readable part) and waits for its
     /// status, as the Linux driver does (spinning).
     fn request<T: ByteValued>(&mut self, req: &T) -> Result<u8, String> {
-        let ro = readable_part(req);
         let slot = REQ_AREA + (self.next % REQ_SLOTS) * REQ_SLOT;
         self.next += 1;
+        let w = self.submit(slot, readable_part(req), REQ_TAIL_SIZE)?;
+        Ok(w[0])
+    }
+
+    /// PROBE of `endpoint`: its RESV_MEM regions as (start, end).
+    fn probe(&mut self, endpoint: u32) -> Result<Vec<(u64, u64)>, String> {
+        let req = ProbeReq::new(endpoint);
+        let w = self.submit(PROBE_AREA, req.as_slice(), PROBE_SIZE + REQ_TAIL_SIZE)?;
+        if w[PROBE_SIZE] != VIRTIO_IOMMU_S_OK {
+            return Err(format!("PROBE: status {}", w[PROBE_SIZE]));
+        }
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + 4 <= PROBE_SIZE {
+            let t = u16::from_le_bytes([w[at], w[at + 1]]) & 0xfff;
+            let len = usize::from(u16::from_le_bytes([w[at + 2], w[at + 3]]));
+            if t == 0 || at + 4 + len > PROBE_SIZE {
+                break;
+            }
+            if t == VIRTIO_IOMMU_PROBE_T_RESV_MEM && len >= 20 {
+                let word =
+                    |o: usize| u64::from_le_bytes(w[o..o + 8].try_into().unwrap_or_default());
+                out.push((word(at + 8), word(at + 16)));
+            }
+            at += 4 + len;
+        }
+        Ok(out)
+    }
+
+    /// One chain: `ro` then `wlen` device-writable bytes at `slot`;
+    /// returns the writable bytes once the device used it.
+    fn submit(&mut self, slot: u64, ro: &[u8], wlen: usize) -> Result<Vec<u8>, String> {
         let wo = slot + ro.len() as u64;
         let mem = &self.mem;
         mem.write_slice(ro, GuestAddress(slot))
             .map_err(|e| e.to_string())?;
-        mem.write_slice(&[0xff; REQ_TAIL_SIZE], GuestAddress(wo))
+        mem.write_slice(&vec![0xff; wlen], GuestAddress(wo))
             .map_err(|e| e.to_string())?;
         self.rq.add(
             mem,
@@ -231,7 +265,7 @@ impl Nested {
                 },
                 Buf {
                     addr: wo,
-                    len: REQ_TAIL_SIZE as u32,
+                    len: wlen as u32,
                     writable: true,
                 },
             ],
@@ -247,8 +281,11 @@ impl Nested {
             // (on a small host, spinning alone starves them).
             thread::yield_now();
         }
-        let status: u8 = mem.read_obj(GuestAddress(wo)).map_err(|e| e.to_string())?;
-        Ok(status)
+        // The status is the first byte of the last four.
+        let mut w = vec![0u8; wlen];
+        mem.read_slice(&mut w, GuestAddress(wo))
+            .map_err(|e| e.to_string())?;
+        Ok(w)
     }
 
     fn expect_ok<T: ByteValued>(&mut self, what: &str, req: &T) -> Result<(), String> {
@@ -335,22 +372,29 @@ impl Edu {
 /// The passed-through device and its mapper.
 /// `null` has no device and maps nothing (`bench` only): what the guest
 /// request, the daemon and the shadow cost without a kernel call.
-fn open_device(
-    args: &Args,
-    ram: &Arc<GuestRam>,
-) -> Result<(Option<Edu>, Arc<dyn DmaMapper>), String> {
+/// The device, its mapper, and what its host IOMMU imposes.
+type Opened = (
+    Option<Edu>,
+    Arc<dyn DmaMapper>,
+    Option<viommu::HostConstraints>,
+);
+
+fn open_device(args: &Args, ram: &Arc<GuestRam>) -> Result<Opened, String> {
     let sysfs = PathBuf::from("/sys/bus/pci/devices").join(&args.device);
     match args.backend.as_str() {
-        "null" => Ok((None, Arc::new(viommu_client::mappers::NullMapper))),
+        "null" => Ok((None, Arc::new(viommu_client::mappers::NullMapper), None)),
         "vfio" => {
             let container =
                 Arc::new(VfioContainer::new(None).map_err(|e| format!("VFIO container: {e}"))?);
             let ops: Arc<dyn VfioOps> = container.clone();
             let dev =
                 VfioDevice::new(&sysfs, ops, false).map_err(|e| format!("VFIO device: {e}"))?;
+            let host = VfioMapper::host_constraints(&container)
+                .map_err(|e| format!("VFIO_IOMMU_GET_INFO: {e}"))?;
             Ok((
                 Some(Edu { dev }),
                 Arc::new(VfioMapper::new(container, ram.clone())),
+                Some(host),
             ))
         }
         "iommufd" => {
@@ -362,9 +406,12 @@ fn open_device(
             let ioas = ctx.ioas().id();
             let ops: Arc<dyn VfioOps> = ctx;
             let dev = VfioDevice::new(&sysfs, ops, true).map_err(|e| format!("VFIO cdev: {e}"))?;
+            let host = IommufdMapper::host_constraints(&iommufd, ioas)
+                .map_err(|e| format!("IOMMU_IOAS_IOVA_RANGES: {e}"))?;
             Ok((
                 Some(Edu { dev }),
                 Arc::new(IommufdMapper::new(iommufd, ioas, ram.clone())),
+                Some(host),
             ))
         }
         other => Err(format!("unknown backend {other}")),
@@ -379,8 +426,34 @@ fn result(ok: bool, check: &str, backend: &str, detail: &str) -> bool {
     ok
 }
 
-fn run_test(g: &mut Nested, edu: &Edu, ep: u32, backend: &str) -> Result<bool, String> {
+fn run_test(
+    g: &mut Nested,
+    edu: &Edu,
+    ep: u32,
+    backend: &str,
+    host_holes: &[(u64, u64)],
+) -> Result<bool, String> {
+    // The host's holes reach the nested guest's PROBE, and the daemon
+    // refuses a MAP into one.
+    let probed = g.probe(ep)?;
+    let missing: Vec<_> = host_holes.iter().filter(|h| !probed.contains(h)).collect();
     g.expect_ok("ATTACH", &AttachReq::new(DOMAIN, ep, 0))?;
+    let refused = match host_holes.first() {
+        Some(&(start, _)) => {
+            let start = start & !(LEN - 1);
+            let status = g.request(&MapReq::new(DOMAIN, start, start + LEN - 1, SRC_GPA, RW))?;
+            (status == VIRTIO_IOMMU_S_INVAL).then_some(start)
+        }
+        None => None,
+    };
+    let mut ok = result(
+        !host_holes.is_empty() && missing.is_empty() && refused.is_some(),
+        "nested-constraints",
+        backend,
+        &format!(
+            "host holes {host_holes:x?} in the nested PROBE {probed:x?}; MAP at {refused:x?} refused"
+        ),
+    );
     g.expect_ok(
         "MAP src",
         &MapReq::new(DOMAIN, SRC_IOVA, SRC_IOVA + LEN - 1, SRC_GPA, RW),
@@ -393,7 +466,7 @@ fn run_test(g: &mut Nested, edu: &Edu, ep: u32, backend: &str) -> Result<bool, S
     g.fill(DST_GPA, 0);
     edu.dma(SRC_IOVA, true)?;
     edu.dma(DST_IOVA, false)?;
-    let mut ok = result(
+    ok &= result(
         g.read(DST_GPA) == want,
         "nested-dma",
         backend,
@@ -497,7 +570,7 @@ fn run(args: &Args) -> Result<bool, String> {
         }])
         .map_err(|e| e.to_string())?,
     );
-    let (edu, mapper) = open_device(args, &ram)?;
+    let (edu, mapper, host) = open_device(args, &ram)?;
     if let Some(edu) = &edu {
         edu.enable()?;
     }
@@ -515,6 +588,22 @@ fn run(args: &Args) -> Result<bool, String> {
         },
     )
     .map_err(|e| format!("control socket: {e}"))?;
+    // What the host IOMMU (here: the test guest's virtio-iommu) cannot
+    // map goes into the nested guest's PROBE of the endpoint.
+    let mut added = Vec::new();
+    if let Some(c) = &host {
+        added = client
+            .set_host_constraints(args.endpoint, c.page_size_mask, &c.regions)
+            .map_err(|e| format!("SET_HOST_CONSTRAINTS: {e}"))?;
+        println!(
+            "nested-vmm: host page sizes {:#x}, holes {:x?}; the endpoint's PROBE adds {added:x?}",
+            c.page_size_mask,
+            c.regions
+                .iter()
+                .map(|r| (r.start, r.end))
+                .collect::<Vec<_>>()
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let follower = {
         let (shadow, stop) = (shadow.clone(), stop.clone());
@@ -526,7 +615,7 @@ fn run(args: &Args) -> Result<bool, String> {
     };
     let outcome = match args.mode.as_str() {
         "test" => match &edu {
-            Some(edu) => run_test(&mut g, edu, args.endpoint, &args.backend),
+            Some(edu) => run_test(&mut g, edu, args.endpoint, &args.backend, &added),
             None => Err("test needs a device (backend vfio or iommufd)".into()),
         },
         "bench" => {

@@ -288,3 +288,34 @@ fn the_access_platform_adapter_translates_with_the_access_direction() {
         io::ErrorKind::Unsupported
     );
 }
+
+#[test]
+fn a_malformed_set_host_constraints_ends_that_connection_only() {
+    use std::io::{Read, Write};
+    use viommu_protocol::{messages::Hello, Message};
+    let d = Daemon::start(&["--endpoints", "0x20"]);
+    let mut s = std::os::unix::net::UnixStream::connect(&d.control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut bytes = Message::from(Hello::new(0)).encode();
+    // SET_HOST_CONSTRAINTS announcing 1000 regions in a 24-byte frame.
+    let mut body = vec![0x07];
+    body.extend_from_slice(&1u32.to_le_bytes()); // tag
+    body.extend_from_slice(&EP.to_le_bytes());
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&1000u32.to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    s.write_all(&bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("truncated") || text.contains("malformed"),
+        "{text}"
+    );
+    // The daemon carries on, and nothing was applied.
+    let vmm = Client::connect(&d.control, Options::default()).unwrap();
+    assert_eq!(vmm.set_host_constraints(EP, 0, &[]).unwrap(), []);
+    let mut g = Guest::connect(&d.socket, GuestOptions::default());
+    assert_eq!(resv_mem(&g.probe(EP, 512).writable).len(), 1);
+}

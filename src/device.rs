@@ -255,8 +255,9 @@ pub struct Viommu {
     /// Reserved regions the host imposes on passed-through endpoints
     /// (`crate::host`), normalized; not part of the saved state.
     host_regions: BTreeMap<u32, Vec<ReservedRegion>>,
-    /// A driver has negotiated features, so it has read
-    /// `page_size_mask`: host page sizes may no longer narrow it.
+    /// `page_size_mask` was read from the config space, or a driver
+    /// negotiated features (so it read it): host page sizes may no
+    /// longer narrow it.
     page_sizes_read: bool,
 }
 
@@ -361,6 +362,18 @@ impl Viommu {
         }
         self.host_regions.insert(endpoint, regions);
         Ok(self.host_regions[&endpoint].as_slice())
+    }
+
+    /// Notes that `page_size_mask` was read from the config space (by the
+    /// frontend, for the driver): host page sizes may no longer narrow it.
+    pub fn freeze_page_sizes(&mut self) {
+        self.page_sizes_read = true;
+    }
+
+    /// Whether `page_size_mask` may have been read by a driver already
+    /// (read from the config space, or features negotiated).
+    pub fn page_sizes_frozen(&self) -> bool {
+        self.page_sizes_read
     }
 
     /// The reserved regions the host imposes on `endpoint`.

@@ -19,8 +19,9 @@
 //!   starts (Linux at probe; the draft per-endpoint PROBE property
 //!   `PAGE_SIZE_MASK` was never merged, and the mainline driver would log
 //!   it as unknown). So, like QEMU before machine-init-done, a host mask
-//!   narrows the device's mask (intersection) until a driver first
-//!   negotiates features; afterwards it is only accepted if the granule
+//!   narrows the device's mask (intersection) until the frontend first
+//!   reads it from the config space or a driver negotiates features
+//!   (`Viommu::freeze_page_sizes`); afterwards it is only accepted if the granule
 //!   the guest already uses is one the host can map (not smaller than the
 //!   host's smallest page).
 //!

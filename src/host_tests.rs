@@ -225,3 +225,22 @@ fn host_constraints_that_cannot_be_kept_are_refused_whole() {
     assert_eq!(dev.config().page_size_mask, !0xfff);
     assert_eq!(dev.host_regions(1), [resv(0, 0xfff)]);
 }
+
+#[test]
+fn a_config_read_of_the_mask_freezes_it_too() {
+    let mut dev = Viommu::new(DeviceConfig::default());
+    assert!(!dev.page_sizes_frozen());
+    dev.freeze_page_sizes();
+    let host_64k = HostConstraints {
+        page_size_mask: !0xffff,
+        regions: Vec::new(),
+    };
+    assert_eq!(
+        dev.set_host_constraints(0x20, &host_64k),
+        Err(HostConstraintError::TooLate {
+            granule: 0x1000,
+            host: 0x10000
+        })
+    );
+    assert_eq!(dev.config().page_size_mask, !0xfff);
+}

@@ -13,6 +13,14 @@
 #   vdi_daemon_build                 sets VDI_DAEMON_BIN and VDI_DMA_DEVICE_BIN
 #                                    (absolute paths); installs python3 if
 #                                    missing (the runners need it)
+#   vdi_nested_build                 builds nested-vmm (release); sets
+#                                    VDI_NESTED_BIN
+#   vdi_nested_files DIR             stages the daemon and nested-vmm,
+#                                    stripped, with their shared libraries
+#                                    (ldd) and loader into DIR; prints the
+#                                    SRC:DST specs of vdi_build_initramfs
+#                                    (binaries in /bin, libraries in
+#                                    /usr/lib/nested, the loader in /lib64)
 #   vdi_daemon_has_ctl               true if the binary has --control-socket
 #   vdi_daemon_start LOG SOCK CTL [DAEMON_ARGS...]
 #                                    daemon in the background (RUST_LOG=debug,
@@ -71,6 +79,36 @@ vdi_daemon_build() {
     VDI_DMA_DEVICE_BIN="$target/release/dma-test-device"
     [[ -x "$VDI_DAEMON_BIN" ]] || { echo "daemon-lib: no binary at $VDI_DAEMON_BIN" >&2; return 1; }
     [[ -x "$VDI_DMA_DEVICE_BIN" ]] || { echo "daemon-lib: no binary at $VDI_DMA_DEVICE_BIN" >&2; return 1; }
+}
+
+vdi_nested_build() {
+    local target
+    (cd "$VDI_LIB_REPO" && cargo build --release --quiet -p nested-vmm) >&2
+    target="$(dirname "$(dirname "$VDI_DAEMON_BIN")")"
+    VDI_NESTED_BIN="$target/release/nested-vmm"
+    [[ -x "$VDI_NESTED_BIN" ]] || { echo "daemon-lib: no binary at $VDI_NESTED_BIN" >&2; return 1; }
+}
+
+vdi_nested_files() {
+    local dir="$1" bin lib name loader=""
+    mkdir -p "$dir/bin" "$dir/lib"
+    for bin in "$VDI_DAEMON_BIN" "$VDI_NESTED_BIN"; do
+        name="$(basename "$bin")"
+        objcopy --strip-debug "$bin" "$dir/bin/$name"
+        printf '%s\n' "$dir/bin/$name:bin/$name"
+        while read -r lib; do
+            case "$lib" in
+                */ld-linux-x86-64.so.2) loader="$lib" ;;
+                /*) cp -L "$lib" "$dir/lib/$(basename "$lib")" ;;
+            esac
+        done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+    done
+    [[ -n "$loader" ]] || { echo "daemon-lib: no dynamic loader in ldd's output" >&2; return 1; }
+    cp -L "$loader" "$dir/ld-linux-x86-64.so.2"
+    printf '%s\n' "$dir/ld-linux-x86-64.so.2:lib64/ld-linux-x86-64.so.2"
+    for lib in "$dir"/lib/*; do
+        printf '%s\n' "$lib:usr/lib/nested/$(basename "$lib")"
+    done
 }
 
 vdi_daemon_has_ctl() {

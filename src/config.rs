@@ -362,7 +362,7 @@ impl DeviceConfig {
             }
         }
         let mut props = Vec::new();
-        self.probe_properties(true, true, &mut props);
+        self.probe_properties(&[], true, true, &mut props);
         let need = props.len();
         if self.probe_size != 0 && (self.probe_size as usize) < need {
             return Err(ConfigError::ProbeSizeTooSmall {
@@ -418,13 +418,21 @@ impl DeviceConfig {
     /// then, when the driver negotiated ATTACH_TABLE (`tables`), the
     /// output and PASID widths and the table formats, and when it also
     /// negotiated PAGE_REQUEST (`page_requests`), PAGE_REQUEST.
-    pub fn probe_properties(&self, tables: bool, page_requests: bool, out: &mut Vec<u8>) {
+    /// `extra` are the endpoint's own reserved regions (host constraints),
+    /// reported after the device-wide ones.
+    pub fn probe_properties(
+        &self,
+        extra: &[ReservedRegion],
+        tables: bool,
+        page_requests: bool,
+        out: &mut Vec<u8>,
+    ) {
         let header = |prop_type: u16, total: usize| ProbeProperty {
             prop_type: prop_type.into(),
             // Property sizes are small constants.
             length: ((total - std::mem::size_of::<ProbeProperty>()) as u16).into(),
         };
-        for r in &self.reserved_regions {
+        for r in self.reserved_regions.iter().chain(extra) {
             let prop = ProbeResvMem {
                 head: header(
                     VIRTIO_IOMMU_PROBE_T_RESV_MEM,

@@ -19,8 +19,9 @@ use vm_memory::ByteValued;
 
 use crate::{
     change::StateChange,
-    config::DeviceConfig,
+    config::{DeviceConfig, ReservedRegion},
     error::{status_of, RequestError},
+    host::{normalize, HostConstraintError, HostConstraints, MAX_CONSTRAINED_ENDPOINTS},
     mapping::{Mapping, MappingTree},
     pasid::{Pasid, PasidError},
     prq::{
@@ -251,6 +252,13 @@ pub struct Viommu {
     page_requests: PageRequests,
     /// Answers to groups decided since the last `take_answers`.
     answers: Vec<Answer>,
+    /// Reserved regions the host imposes on passed-through endpoints
+    /// (`crate::host`), normalized; not part of the saved state.
+    host_regions: BTreeMap<u32, Vec<ReservedRegion>>,
+    /// `page_size_mask` was read from the config space, or a driver
+    /// negotiated features (so it read it): host page sizes may no
+    /// longer narrow it.
+    page_sizes_read: bool,
 }
 
 impl Viommu {
@@ -269,8 +277,108 @@ impl Viommu {
             changes: None,
             page_requests: PageRequests::new(config.page_requests.unwrap_or_default()),
             answers: Vec::new(),
+            host_regions: BTreeMap::new(),
+            page_sizes_read: false,
             config,
         }
+    }
+
+    /// Sets what the host imposes on `endpoint` (`crate::host`): its
+    /// reserved regions replace any given before; a page-size mask
+    /// narrows the device's until a driver has read it. Returns the
+    /// regions the endpoint's PROBE now reports after the device-wide
+    /// ones. All or nothing.
+    pub fn set_host_constraints(
+        &mut self,
+        endpoint: u32,
+        c: &HostConstraints,
+    ) -> Result<&[ReservedRegion], HostConstraintError> {
+        if !self.config.endpoints.contains(endpoint) {
+            return Err(HostConstraintError::NoSuchEndpoint(endpoint));
+        }
+        if !self.host_regions.contains_key(&endpoint)
+            && !c.regions.is_empty()
+            && self.host_regions.len() >= MAX_CONSTRAINED_ENDPOINTS
+        {
+            return Err(HostConstraintError::TooManyEndpoints);
+        }
+        let regions = normalize(endpoint, &c.regions, &self.config.reserved_regions)?;
+        let mut page_size_mask = self.config.page_size_mask;
+        if c.page_size_mask != 0 {
+            let host_min = 1u64 << c.page_size_mask.trailing_zeros();
+            if self.page_sizes_read {
+                if self.config.granule() < host_min {
+                    return Err(HostConstraintError::TooLate {
+                        granule: self.config.granule(),
+                        host: host_min,
+                    });
+                }
+            } else {
+                page_size_mask &= c.page_size_mask;
+                if page_size_mask == 0 {
+                    return Err(HostConstraintError::NoCommonPageSize {
+                        device: self.config.page_size_mask,
+                        host: c.page_size_mask,
+                    });
+                }
+                let granule = 1u64 << page_size_mask.trailing_zeros();
+                let (lo, hi) = self.config.input_range;
+                if granule - 1 > hi - lo {
+                    return Err(HostConstraintError::GranuleTooLarge(granule));
+                }
+            }
+        }
+        if self.config.probe_size > 0 {
+            let mut props = Vec::new();
+            self.config
+                .probe_properties(&regions, true, true, &mut props);
+            if props.len() > self.config.probe_size as usize {
+                return Err(HostConstraintError::ProbeTooSmall {
+                    size: self.config.probe_size,
+                    need: props.len(),
+                });
+            }
+        }
+        let attached = self.endpoints.get(&endpoint).copied();
+        if let Some((domain, d)) = attached.and_then(|id| Some((id, self.domains.get(&id)?))) {
+            if let Some(m) = first_overlap(&d.mappings, &regions) {
+                return Err(HostConstraintError::Mapped {
+                    endpoint,
+                    domain,
+                    start: m.virt_start,
+                    end: m.virt_end,
+                });
+            }
+        }
+        // Checks are done: from here on nothing fails.
+        if page_size_mask != self.config.page_size_mask {
+            debug!("page_size_mask narrowed to {page_size_mask:#x} by endpoint {endpoint}'s host");
+            self.config.page_size_mask = page_size_mask;
+            self.granule_mask = self.config.granule() - 1;
+        }
+        if regions.is_empty() {
+            self.host_regions.remove(&endpoint);
+            return Ok(&[]);
+        }
+        self.host_regions.insert(endpoint, regions);
+        Ok(self.host_regions[&endpoint].as_slice())
+    }
+
+    /// Notes that `page_size_mask` was read from the config space (by the
+    /// frontend, for the driver): host page sizes may no longer narrow it.
+    pub fn freeze_page_sizes(&mut self) {
+        self.page_sizes_read = true;
+    }
+
+    /// Whether `page_size_mask` may have been read by a driver already
+    /// (read from the config space, or features negotiated).
+    pub fn page_sizes_frozen(&self) -> bool {
+        self.page_sizes_read
+    }
+
+    /// The reserved regions the host imposes on `endpoint`.
+    pub fn host_regions(&self, endpoint: u32) -> &[ReservedRegion] {
+        self.host_regions.get(&endpoint).map_or(&[], Vec::as_slice)
     }
 
     /// The static configuration.
@@ -291,6 +399,9 @@ impl Viommu {
     /// Records the device feature bits the driver accepted.
     pub fn set_acked_features(&mut self, features: u64) {
         self.acked = features & self.device_features();
+        if self.acked != 0 {
+            self.page_sizes_read = true;
+        }
         if !self.acked(VIRTIO_IOMMU_F_PAGE_REQUEST) {
             // Nothing can be in flight before features are set; a driver
             // that renegotiates without the feature takes no more events.
@@ -809,6 +920,18 @@ impl Viommu {
             return Err(RequestError::DomainOutOfRange(domain_id));
         }
         let old = self.endpoints.get(&endpoint).copied();
+        if let (Some(d), Some(rs)) = (
+            self.domains.get(&domain_id),
+            self.host_regions.get(&endpoint),
+        ) {
+            if let Some(m) = first_overlap(&d.mappings, rs) {
+                return Err(RequestError::HostReserved {
+                    endpoint,
+                    start: m.virt_start,
+                    end: m.virt_end,
+                });
+            }
+        }
         match self.domains.get(&domain_id) {
             Some(d) if d.bypass != bypass => return Err(RequestError::BypassMismatch(domain_id)),
             Some(_) if old == Some(domain_id) => return Ok(()),
@@ -1125,6 +1248,14 @@ impl Viommu {
             return Err(RequestError::TableDomain(domain_id));
         }
         check_map_range(&self.config, self.granule_mask, start, end, phys)?;
+        let host_reserved = domain.endpoints.iter().any(|ep| {
+            self.host_regions
+                .get(ep)
+                .is_some_and(|rs| rs.iter().any(|r| r.start <= end && start <= r.end))
+        });
+        if host_reserved {
+            return Err(RequestError::ReservedRegion { start, end });
+        }
         if domain.mappings.overlaps(start, end) {
             return Err(RequestError::Overlap { start, end });
         }
@@ -1204,8 +1335,12 @@ impl Viommu {
         let tables = self.acked(VIRTIO_IOMMU_F_ATTACH_TABLE);
         let page_requests = self.acked(VIRTIO_IOMMU_F_PAGE_REQUEST);
         self.reply_buf.clear();
+        let host = self
+            .host_regions
+            .get(&endpoint)
+            .map_or(&[][..], Vec::as_slice);
         self.config
-            .probe_properties(tables, page_requests, &mut self.reply_buf);
+            .probe_properties(host, tables, page_requests, &mut self.reply_buf);
         // `DeviceConfig::validate` guarantees the properties fit.
         self.reply_buf.resize(size, 0);
         debug!(
@@ -1214,6 +1349,16 @@ impl Viommu {
         );
         Ok(())
     }
+}
+
+/// The first mapping of `mappings` inside one of `regions`.
+fn first_overlap(mappings: &MappingTree, regions: &[ReservedRegion]) -> Option<Mapping> {
+    regions.iter().find_map(|r| {
+        mappings
+            .iter_from(r.start)
+            .next()
+            .filter(|m| m.virt_start <= r.end)
+    })
 }
 
 /// ATTACH flags the driver may use, given the features it accepted.

@@ -69,6 +69,17 @@ pub enum RequestError {
         /// Last address (inclusive).
         end: u64,
     },
+    /// ATTACH to a domain that maps into a host reserved region of the
+    /// endpoint (its PROBE properties make the two incompatible).
+    #[error("domain maps {start:#x}-{end:#x}, reserved by the host for endpoint {endpoint}")]
+    HostReserved {
+        /// The endpoint.
+        endpoint: u32,
+        /// First address of the conflicting mapping.
+        start: u64,
+        /// Last address (inclusive).
+        end: u64,
+    },
     /// MAP over an existing mapping.
     #[error("range {start:#x}-{end:#x} overlaps an existing mapping")]
     Overlap {
@@ -233,7 +244,7 @@ impl RequestError {
             | TableMismatch(_)
             | BadInvalidation(_)
             | PasidState => VIRTIO_IOMMU_S_INVAL,
-            UnsupportedFormat(_) | NoPasidSupport(_) => VIRTIO_IOMMU_S_UNSUPP,
+            UnsupportedFormat(_) | NoPasidSupport(_) | HostReserved { .. } => VIRTIO_IOMMU_S_UNSUPP,
             PasidWidth { .. } | InvalidationRange => VIRTIO_IOMMU_S_RANGE,
             PasidNotOwned(_) | NoSuchBinding { .. } => VIRTIO_IOMMU_S_NOENT,
             TooManyBindings { .. } => VIRTIO_IOMMU_S_NOMEM,

@@ -23,6 +23,7 @@ pub mod change;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod host;
 pub mod iotlb;
 pub mod mapping;
 pub mod parse;
@@ -38,10 +39,13 @@ pub use change::{Invalidation, StateChange};
 pub use config::{DeviceConfig, EndpointSet, ReservedRegion, TableFormats};
 pub use device::{PasidOp, Response, Viommu};
 pub use error::RequestError;
+pub use host::{HostConstraintError, HostConstraints};
 pub use mapping::{Mapping, MappingTree};
 pub use state::{DeviceState, LoadedState, StateError};
 pub use translate::{Access, Fault, TranslateError, Translation};
 
+#[cfg(test)]
+mod host_tests;
 #[cfg(test)]
 mod page_request_tests;
 #[cfg(test)]

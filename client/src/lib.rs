@@ -13,7 +13,12 @@
 //!   device model translates again;
 //! - `attach_fault_queue`: a host iommufd fault queue whose page requests
 //!   the daemon forwards to the guest, answering on the queue;
-//! - `query`: the inspection documents `ctl` prints.
+//! - `query`: the inspection documents `ctl` prints;
+//! - [`shadow`]: the guest IOMMU shadowed into VFIO or iommufd for
+//!   passed-through devices (one `DmaMapper` per endpoint, [`mappers`]);
+//! - [`platform`]: translations for emulated devices in the shape of
+//!   cloud-hypervisor's `AccessPlatform` / `DmaRemapping`, with the
+//!   access direction.
 //!
 //! Coherence: with the cache on, the daemon does not complete a guest
 //! UNMAP or DETACH before this client has dropped the affected
@@ -28,6 +33,9 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod mappers;
+pub mod platform;
+pub mod shadow;
 
 use std::{
     collections::HashMap,
@@ -848,6 +856,55 @@ impl Client {
             Some(Reply::Result(status, message)) => Err(Error::Daemon { status, message }),
             Some(_) => Err(Error::Protocol("unexpected reply to ATTACH_FAULT_QUEUE")),
             None => Err(Error::Disconnected),
+        }
+    }
+
+    /// Tells the daemon what the host IOMMU imposes on a passed-through
+    /// `endpoint` (what QEMU's `HostIOMMUDevice` gives its virtio-iommu):
+    /// its reserved IOVA regions, which replace any given before and go
+    /// into the guest's PROBE of it, and the host's page sizes
+    /// (`page_size_mask`, 0 for none), which narrow the device's
+    /// `page_size_mask` if no guest driver has read it yet and are refused
+    /// otherwise when the guest's granule is too small for the host. Give
+    /// them before the guest driver probes the endpoint (before boot, or
+    /// before a hotplug). Returns the regions the endpoint's PROBE now
+    /// adds to the device-wide ones (host regions merged, minus what the
+    /// device already reserves).
+    pub fn set_host_constraints(
+        &self,
+        endpoint: u32,
+        page_size_mask: u64,
+        regions: &[viommu::ReservedRegion],
+    ) -> Result<Vec<(u64, u64)>, Error> {
+        let regions = regions
+            .iter()
+            .map(|r| msg::HostRegion {
+                start: r.start,
+                end: r.end,
+                subtype: r.subtype,
+            })
+            .collect();
+        match self.call(Space::iova(endpoint), 0, |tag| {
+            msg::SetHostConstraints {
+                tag,
+                endpoint,
+                page_size_mask,
+                regions,
+            }
+            .into()
+        })? {
+            Reply::Result(RESULT_OK, list) => Ok(list
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .filter_map(|r| {
+                    let (a, b) = r.split_once('-')?;
+                    let p = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+                    Some((p(a)?, p(b)?))
+                })
+                .collect()),
+            Reply::Result(RESULT_NO_SUCH_ENDPOINT, _) => Err(Error::NoSuchEndpoint(endpoint)),
+            Reply::Result(status, message) => Err(Error::Daemon { status, message }),
+            _ => Err(Error::Protocol("unexpected reply to SET_HOST_CONSTRAINTS")),
         }
     }
 

@@ -188,6 +188,19 @@ record! {
 }
 
 record! {
+    /// A reserved IOVA region the host IOMMU imposes on an endpoint
+    /// (24 bytes).
+    pub struct HostRegion {
+        /// First IOVA.
+        start: u64,
+        /// Last IOVA (inclusive).
+        end: u64,
+        /// `VIRTIO_IOMMU_RESV_MEM_T_*`: RESERVED, or MSI.
+        subtype: u8 [pad 7],
+    }
+}
+
+record! {
     /// How an [`Invalidation`] travels (32 bytes; version 1 clients read
     /// the first 24, which are all scopes 1-3 use).
     pub struct InvalidationRecord {
@@ -683,6 +696,20 @@ messages! {
         /// The devices the queue reports, with their endpoints.
         devices: Vec<DeviceRoute>,
     }
+    /// SET_HOST_CONSTRAINTS: what the host IOMMU imposes on a
+    /// passed-through endpoint (reserved regions, replacing any given
+    /// before; page sizes, 0 for none), for the guest's PROBE and
+    /// `page_size_mask`; answered with RESULT.
+    0x07 => SetHostConstraints {
+        /// Echoed in the reply.
+        tag: u32,
+        /// The endpoint.
+        endpoint: u32,
+        /// Page sizes the host IOMMU supports; 0: no constraint.
+        page_size_mask: u64,
+        /// Its reserved regions (at most `viommu::host::MAX_HOST_REGIONS`).
+        regions: Vec<HostRegion>,
+    }
 
     // Daemon to client.
 
@@ -951,6 +978,17 @@ mod tests {
             ReplayDone {}.into(),
             Bye {
                 message: "bye".into(),
+            }
+            .into(),
+            SetHostConstraints {
+                tag: 10,
+                endpoint: 0x20,
+                page_size_mask: !0xfff,
+                regions: vec![HostRegion {
+                    start: 0x1000,
+                    end: 0x1fff,
+                    subtype: 0,
+                }],
             }
             .into(),
             AttachFaultQueue {

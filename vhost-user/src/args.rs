@@ -8,9 +8,10 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 use viommu::{
     config::{parse_domain_range, ConfigError},
-    parse::parse_u64,
+    parse::{parse_u32, parse_u64},
     prq::Limits,
-    DeviceConfig, EndpointSet, TableFormats,
+    wire::{VIRTIO_IOMMU_RESV_MEM_T_MSI, VIRTIO_IOMMU_RESV_MEM_T_RESERVED},
+    DeviceConfig, EndpointSet, HostConstraints, ReservedRegion, TableFormats,
 };
 
 use crate::{error::WithCauses, iommu::IommuOptions};
@@ -30,6 +31,15 @@ pub enum ArgsError {
     /// The VM id cannot be derived; `--vm-id` must be given.
     #[error("--vm-id is required: {0}")]
     NeedVmId(String),
+    /// `--host-constraints` the device cannot take.
+    #[error("--host-constraints of endpoint {endpoint}")]
+    HostConstraints {
+        /// The endpoint.
+        endpoint: u32,
+        /// Why.
+        #[source]
+        source: viommu::HostConstraintError,
+    },
     /// The socket path cannot be made absolute.
     #[error("cannot make {path} absolute")]
     Absolute {
@@ -125,6 +135,15 @@ pub struct DaemonArgs {
     /// Size of the PROBE properties area in bytes; 0 disables PROBE.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub probe_size: u32,
+
+    /// What the host IOMMU imposes on a passed-through endpoint, for
+    /// static setups (a VMM can send it over the control socket
+    /// instead): `EP=ITEM[,ITEM...]`, ITEM being `START-END` (IOVAs the
+    /// host cannot map: reported in that endpoint's PROBE), `msi:START-END`
+    /// (its MSI window, when the device reports none) or `pgsizes:MASK`
+    /// (host page sizes: narrows --page-size-mask). Repeatable.
+    #[arg(long, value_name = "EP=ITEMS", value_parser = parse_host_constraints)]
+    pub host_constraints: Vec<(u32, HostConstraints)>,
 
     /// Initial value of the `bypass` config field: whether endpoints that
     /// are not attached to a domain bypass the IOMMU.
@@ -242,6 +261,42 @@ fn parse_domains(s: &str) -> Result<(u32, u32), WithCauses<ConfigError>> {
     parse_domain_range(s).map_err(WithCauses)
 }
 
+/// `EP=ITEM[,ITEM...]` (see `--host-constraints`).
+fn parse_host_constraints(s: &str) -> Result<(u32, HostConstraints), String> {
+    let (ep, items) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected ENDPOINT=ITEM[,ITEM...]"))?;
+    let ep = parse_u32(ep).map_err(|e| format!("endpoint `{ep}`: {e}"))?;
+    let mut c = HostConstraints::default();
+    for item in items.split(',').map(str::trim) {
+        if let Some(mask) = item.strip_prefix("pgsizes:") {
+            c.page_size_mask = parse_u64(mask).map_err(|e| format!("`{item}`: {e}"))?;
+            if c.page_size_mask == 0 {
+                return Err(format!("`{item}`: no page size"));
+            }
+            continue;
+        }
+        let (subtype, range) = match item.strip_prefix("msi:") {
+            Some(r) => (VIRTIO_IOMMU_RESV_MEM_T_MSI, r),
+            None => (VIRTIO_IOMMU_RESV_MEM_T_RESERVED, item),
+        };
+        let (a, b) = range.split_once('-').ok_or_else(|| {
+            format!("`{item}`: expected START-END, msi:START-END or pgsizes:MASK")
+        })?;
+        let start = parse_u64(a).map_err(|e| format!("`{item}`: {e}"))?;
+        let end = parse_u64(b).map_err(|e| format!("`{item}`: {e}"))?;
+        if start > end {
+            return Err(format!("`{item}`: empty range"));
+        }
+        c.regions.push(ReservedRegion {
+            start,
+            end,
+            subtype,
+        });
+    }
+    Ok((ep, c))
+}
+
 fn parse_formats(s: &str) -> Result<TableFormats, ConfigError> {
     s.parse()
 }
@@ -274,6 +329,17 @@ impl DaemonArgs {
             ..DeviceConfig::default()
         };
         config.validate()?;
+        // Checked here, before anything is created; the daemon applies
+        // them to its device the same way.
+        let mut scratch = viommu::Viommu::new(config.clone());
+        for (endpoint, c) in &self.host_constraints {
+            scratch
+                .set_host_constraints(*endpoint, c)
+                .map_err(|source| ArgsError::HostConstraints {
+                    endpoint: *endpoint,
+                    source,
+                })?;
+        }
         Ok(config)
     }
 

@@ -477,6 +477,11 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // A read of `page_size_mask` (the first 8 bytes) may be the
+        // driver's: from now on host page sizes cannot narrow it.
+        if offset < 8 && size > 0 && !self.iommu.model().page_sizes_frozen() {
+            self.iommu.model_mut().freeze_page_sizes();
+        }
         let model = self.iommu.model();
         model
             .config()

@@ -525,6 +525,15 @@ fn start(
                 .map_err(ManagerError::from)?;
         }
         let iommu = Arc::new(Iommu::new(config, pasids.clone(), args.iommu_options())?);
+        for (endpoint, c) in &args.host_constraints {
+            iommu
+                .model_mut()
+                .set_host_constraints(*endpoint, c)
+                .map_err(|source| crate::iommu::SetupError::HostConstraints {
+                    endpoint: *endpoint,
+                    source,
+                })?;
+        }
         if let Some((path, listener)) = control {
             control::start(iommu.clone(), listener).map_err(|source| Error::ControlSocket {
                 path: path.clone(),

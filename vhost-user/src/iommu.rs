@@ -83,6 +83,15 @@ pub enum SetupError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] io::Error),
+    /// `--host-constraints` that the device cannot take.
+    #[error("--host-constraints of endpoint {endpoint}")]
+    HostConstraints {
+        /// The endpoint.
+        endpoint: u32,
+        /// Why.
+        #[source]
+        source: viommu::HostConstraintError,
+    },
 }
 
 /// Why the device state cannot be saved.

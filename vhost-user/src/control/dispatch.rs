@@ -10,10 +10,12 @@ use viommu::{
     table::{TableFault, TableTranslateError},
     translate::{fault_flag, TranslateError},
     wire::*,
-    Access, Fault,
+    Access, Fault, HostConstraints, ReservedRegion,
 };
 use viommu_protocol::{
-    messages::{CallResult, Extent, FaultInfo, ReportFault, Translate, Translation},
+    messages::{
+        CallResult, Extent, FaultInfo, ReportFault, SetHostConstraints, Translate, Translation,
+    },
     Message, FAULT_F_EXEC, FAULT_F_PAGE_REQUEST, FAULT_F_PASID, FAULT_F_PRIV, FAULT_F_READ,
     FAULT_F_RECOVERABLE, FAULT_F_WRITE, RESULT_INVALID, RESULT_NO_SUCH_ENDPOINT, RESULT_OK,
     RESULT_UNSUPPORTED, TRANSLATE_F_EXEC, TRANSLATE_F_PAGE_REQUEST, TRANSLATE_F_PRIV,
@@ -39,6 +41,17 @@ pub(super) fn handle(
             client.queue(
                 &CallResult {
                     tag,
+                    status,
+                    message,
+                }
+                .into(),
+            );
+        }
+        Message::SetHostConstraints(m) => {
+            let (status, message) = set_host_constraints(iommu, &m);
+            client.queue(
+                &CallResult {
+                    tag: m.tag,
                     status,
                     message,
                 }
@@ -279,4 +292,45 @@ fn report_fault(iommu: &Iommu, f: &FaultInfo) -> (u32, String) {
     }
     iommu.post_event(&fault.record_bytes());
     (RESULT_OK, String::new())
+}
+
+/// SET_HOST_CONSTRAINTS: RESULT 0 with the regions the endpoint's PROBE
+/// now adds (`start-end` list), 1 for an unknown endpoint, 2 with the
+/// reason for anything refused (nothing changed then).
+fn set_host_constraints(iommu: &Iommu, m: &SetHostConstraints) -> (u32, String) {
+    // The decoder bounds the list by the frame (64 KiB); the model by
+    // `MAX_HOST_REGIONS`.
+    let c = HostConstraints {
+        page_size_mask: m.page_size_mask,
+        regions: m
+            .regions
+            .iter()
+            .map(|r| ReservedRegion {
+                start: r.start,
+                end: r.end,
+                subtype: r.subtype,
+            })
+            .collect(),
+    };
+    let mut model = iommu.model_mut();
+    match model.set_host_constraints(m.endpoint, &c) {
+        Ok(regions) => {
+            let list: Vec<String> = regions
+                .iter()
+                .map(|r| format!("{:#x}-{:#x}", r.start, r.end))
+                .collect();
+            let mask = model.config().page_size_mask;
+            log::info!(
+                "host constraints of endpoint {}: reserved [{}], page_size_mask {mask:#x}",
+                m.endpoint,
+                list.join(", ")
+            );
+            (RESULT_OK, list.join(","))
+        }
+        Err(viommu::HostConstraintError::NoSuchEndpoint(ep)) => (
+            RESULT_NO_SUCH_ENDPOINT,
+            format!("endpoint {ep} does not exist"),
+        ),
+        Err(e) => (RESULT_INVALID, e.to_string()),
+    }
 }

@@ -365,12 +365,18 @@ impl Lease {
         }
     }
 
+    #[inline]
     fn now(&self) -> u64 {
-        clock_gettime(self.clock)
-            .map(|t| Duration::from(t).as_nanos() as u64)
-            .unwrap_or(0)
+        match clock_gettime(self.clock) {
+            Ok(t) => (t.tv_sec() as u64)
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(t.tv_nsec() as u64),
+            // Never for a monotonic clock; no lease then.
+            Err(_) => 0,
+        }
     }
 
+    #[inline]
     fn valid(&self) -> bool {
         let caught_up = self.caught_up.load(Ordering::Acquire);
         caught_up != 0 && self.now().saturating_sub(caught_up) < self.ttl_ns
@@ -775,7 +781,7 @@ impl Client {
                     match cached_segments(&c, req, iova, len) {
                         // The DMA runs under the read lock: no invalidation
                         // of these pages completes meanwhile.
-                        Ok(segs) => return Ok(Ok(dma(&segs))),
+                        Ok(segs) => return Ok(Ok(dma(segs.as_slice()))),
                         Err(from) => Some(from),
                     }
                 } else {
@@ -944,16 +950,16 @@ fn segments(extents: &[Extent], iova: u64, len: u64) -> Vec<Segment> {
 
 /// The segments of `[iova, iova + len)` if the cache covers all of it
 /// with the access `req` needs; otherwise the first address it misses.
-fn cached_segments(c: &Cache, req: Request, iova: u64, len: u64) -> Result<Vec<Segment>, u64> {
+fn cached_segments(c: &Cache, req: Request, iova: u64, len: u64) -> Result<Cached, u64> {
     let end = iova.saturating_add(len - 1);
-    // The common case: one extent covers the whole range.
+    // The common case: one extent covers the whole range (no allocation).
     let first = c.lookup(req.space, iova, req.need).ok_or(iova)?;
     if first.iova_end >= end {
-        return Ok(vec![Segment {
+        return Ok(Cached::One(Segment {
             iova,
             gpa: first.gpa_start.wrapping_add(iova - first.iova_start),
             len,
-        }]);
+        }));
     }
     let mut extents = vec![first];
     let mut addr = first.iova_end + 1;
@@ -961,9 +967,24 @@ fn cached_segments(c: &Cache, req: Request, iova: u64, len: u64) -> Result<Vec<S
         let e = c.lookup(req.space, addr, req.need).ok_or(addr)?;
         extents.push(e);
         if e.iova_end >= end {
-            return Ok(segments(&extents, iova, len));
+            return Ok(Cached::Many(segments(&extents, iova, len)));
         }
         addr = e.iova_end + 1;
+    }
+}
+
+/// A range the cache covers: one segment (the common case) or several.
+enum Cached {
+    One(Segment),
+    Many(Vec<Segment>),
+}
+
+impl Cached {
+    fn as_slice(&self) -> &[Segment] {
+        match self {
+            Cached::One(s) => std::slice::from_ref(s),
+            Cached::Many(v) => v,
+        }
     }
 }
 

@@ -100,14 +100,7 @@ fn translate(iommu: &Iommu, client: &Arc<Client>, t: &Translate) {
             None
         }
         Err(TranslateError::NoSuchEndpoint(ep)) => {
-            client.queue(
-                &CallResult {
-                    tag: t.tag,
-                    status: RESULT_NO_SUCH_ENDPOINT,
-                    message: format!("endpoint {ep} does not exist"),
-                }
-                .into(),
-            );
+            no_such_endpoint(client, t.tag, ep);
             None
         }
         Err(TranslateError::Fault(f)) => {
@@ -192,37 +185,10 @@ fn translate_table(
     };
     drop(iotlb);
     match fault {
-        // A fault after some pages: the pages that translate come first;
-        // the client asks again from the faulting address.
-        Some(_) if !extents.is_empty() => {
-            client.queue(
-                &Translation {
-                    tag: t.tag,
-                    extents,
-                }
-                .into(),
-            );
+        Some(TableTranslateError::NoSuchEndpoint(ep)) if extents.is_empty() => {
+            no_such_endpoint(client, t.tag, ep)
         }
-        None => {
-            client.queue(
-                &Translation {
-                    tag: t.tag,
-                    extents,
-                }
-                .into(),
-            );
-        }
-        Some(TableTranslateError::NoSuchEndpoint(ep)) => {
-            client.queue(
-                &CallResult {
-                    tag: t.tag,
-                    status: RESULT_NO_SUCH_ENDPOINT,
-                    message: format!("endpoint {ep} does not exist"),
-                }
-                .into(),
-            );
-        }
-        Some(TableTranslateError::Fault(f)) => {
+        Some(TableTranslateError::Fault(f)) if extents.is_empty() => {
             let mut fault = table_fault_info(&f);
             let raise = t.flags & TRANSLATE_F_PAGE_REQUEST != 0 && f.reason.is_recoverable();
             if raise {
@@ -231,8 +197,30 @@ fn translate_table(
             client.queue(&viommu_protocol::messages::Fault { tag: t.tag, fault }.into());
             return raise.then_some((f.address, f.access));
         }
+        // The pages that translate; after a fault past them, the client
+        // asks again from the faulting address and gets the fault then.
+        _ => {
+            client.queue(
+                &Translation {
+                    tag: t.tag,
+                    extents,
+                }
+                .into(),
+            );
+        }
     }
     None
+}
+
+fn no_such_endpoint(client: &Client, tag: u32, endpoint: u32) {
+    client.queue(
+        &CallResult {
+            tag,
+            status: RESULT_NO_SUCH_ENDPOINT,
+            message: format!("endpoint {endpoint} does not exist"),
+        }
+        .into(),
+    );
 }
 
 /// How a table fault travels: MAPPING, with the access, the PASID, and

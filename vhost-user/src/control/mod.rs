@@ -113,6 +113,10 @@ struct Server {
     queries: queries::QueryThread,
     /// Accepting is paused until then (the process ran out of fds).
     accept_paused: Option<Instant>,
+    /// The nearest page-request deadline, as last read from the model:
+    /// only this loop raises page requests (which can bring it nearer),
+    /// so it is read again after events, never while spinning.
+    page_requests_due: Option<Instant>,
     peer_errors: RateLimited,
 }
 
@@ -141,6 +145,7 @@ pub fn start(iommu: Arc<Iommu>, listener: UnixListener) -> io::Result<thread::Jo
         next_token: FIRST_CONN,
         queries,
         accept_paused: None,
+        page_requests_due: None,
         peer_errors: RateLimited::new(Duration::from_secs(1)),
     };
     thread::Builder::new()
@@ -178,6 +183,7 @@ impl Server {
                 self.event(ev.data(), ev.event_set());
             }
             if n > 0 {
+                self.page_requests_due = self.iommu.page_request_deadline();
                 thread::yield_now();
                 let poll = self.iommu.options().poll;
                 if !poll.is_zero() {
@@ -220,7 +226,7 @@ impl Server {
         });
         hello
             .chain(self.accept_paused)
-            .chain(self.iommu.page_request_deadline())
+            .chain(self.page_requests_due)
             .min()
     }
 
@@ -240,8 +246,9 @@ impl Server {
             self.accept_paused = None;
             self.accept_all();
         }
-        if self.iommu.page_request_deadline().is_some_and(|t| t <= now) {
+        if self.page_requests_due.is_some_and(|t| t <= now) {
             self.iommu.expire_page_requests();
+            self.page_requests_due = self.iommu.page_request_deadline();
         }
     }
 

@@ -43,7 +43,7 @@
 //! | 0x03c | 4 | STATUS | RO | 0 IDLE, 1 BUSY, 2 DONE, 3 FAULT, 4 ERROR (bad command or arguments) |
 //! | 0x040 | 8 | RESULT | RO | CHECKSUM: 64-bit FNV-1a (basis 0xcbf29ce484222325, prime 0x100000001b3) over the DONE_BYTES bytes read |
 //! | 0x048 | 8 | FAULT_ADDR | RO | first address (IOVA, or virtual address) that was not accessed |
-//! | 0x050 | 4 | FAULT_INFO | RO | bits 7:0 reason: 1 translation fault (not mapped, not attached, permission, no table bound at the PASID, or no IOMMU reachable), 2 page request answered INVALID or FAILURE (the guest could not make the page available), 3 memory access failed (translated GPA not memory QEMU gave the device), 4 a page request was not answered before the operation's deadline; bit 8 the faulting access was a write |
+//! | 0x050 | 4 | FAULT_INFO | RO | bits 7:0 reason: 1 translation fault (not mapped, not attached, permission, no table bound at the PASID, or no IOMMU reachable), 2 page request answered INVALID or FAILURE (by the guest: the process has no such page or may not access it so; or by the IOMMU for it: binding removed, timeout, reset), 3 memory access failed (translated GPA not memory QEMU gave the device), 4 a page request was not answered before the operation's deadline; bit 8 the faulting access was a write |
 //! | 0x058 | 8 | DONE_BYTES | RO | bytes completed by the last operation |
 //!
 //! A CMD write clears RESULT, FAULT_ADDR, FAULT_INFO and DONE_BYTES and
@@ -65,12 +65,14 @@
 //! the page and answers); after a SUCCESS the device translates again and
 //! goes on. The whole operation has one deadline
 //! (`--operation-timeout-ms` from the CMD write). It stops with STATUS
-//! FAULT at the first address it could not access when the guest answers
-//! INVALID or FAILURE (FAULT_INFO reason 2: the process has no such page,
-//! or may not access it that way), when the deadline passes first
-//! (reason 4), or when nothing is bound at the PASID any more (reason 1:
-//! the process exited, or unbound); DONE_BYTES bytes before FAULT_ADDR
-//! were transferred, nothing at or after it.
+//! FAULT at the first address it could not access when the page request
+//! is answered INVALID or FAILURE (FAULT_INFO reason 2: the process has no
+//! such page, or may not access it that way; or the daemon answered for
+//! the guest, for instance because the binding went while the request was
+//! open), when the deadline passes first (reason 4), or when nothing is
+//! bound at the PASID any more (reason 1: the process exited, or unbound);
+//! DONE_BYTES bytes before FAULT_ADDR were transferred, nothing at or
+//! after it.
 
 pub mod device;
 pub mod engine;

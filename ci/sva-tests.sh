@@ -104,6 +104,10 @@ alive=no
 deadline=0
 
 go() { vdi_send_guest "${1:-go}" || alive=no; }
+# console_has ERE: whether the guest printed a line matching ERE. (Not
+# `tr | grep -q`: under pipefail, tr killed by SIGPIPE when grep stops
+# early would make a match look like a miss.)
+console_has() { grep -Eq -- "$1" < <(tr -d '\r' <"$console"); }
 declare -A host_done
 hostcheck() { # NAME ARGS...: one hostcheck.py verdict
     local n="$1" line
@@ -205,7 +209,7 @@ follow() {
             # shellcheck disable=SC2086  # the step's words
             step ${line#VDI-WAIT }
         done
-        tr -d '\r' <"$console" | grep -q '^VDI-DONE' && break
+        console_has '^VDI-DONE' && break
         if ! kill -0 "$VDI_QEMU_PID" 2>/dev/null || (($(date +%s) >= deadline)); then
             alive=no
             break
@@ -278,7 +282,7 @@ boot() { # KERNEL_INDEX KO_DIR
     [[ $alive == yes ]] || vdi_qemu_kill
     vdi_qemu_wait || rc=$?
     secs="$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
-    if [[ $rc -eq 0 ]] && tr -d '\r' <"$console" | grep -q '^VDI-DONE'; then
+    if [[ $rc -eq 0 ]] && console_has '^VDI-DONE'; then
         result PASS "$name/boot" "${secs}s, guest test done, powered off cleanly"
     else
         result FAIL "$name/boot" "QEMU status $rc after ${secs}s, guest test did not finish"
@@ -295,11 +299,11 @@ boot() { # KERNEL_INDEX KO_DIR
         sva-readonly sva-munmap sva-cow sva-mprotect sva-dontneed sva-thp-munmap sva-child-exit \
         sva-healthy sva-unbind kernel-healthy sva-timeout \
         sva-broken kernel-healthy-stalled module-unload; do
-        tr -d '\r' <"$console" | grep -Eq "^VDI-RESULT (PASS|FAIL|SKIP) $c( |\$)" ||
+        console_has "^VDI-RESULT (PASS|FAIL|SKIP) $c( |\$)" ||
             result FAIL "$name/$c" "not reported (see $console)"
     done
     # The host's checks at the guest's steps (a skipped SVA run has none).
-    if tr -d '\r' <"$console" | grep -Eq '^VDI-RESULT PASS sva-bind '; then
+    if console_has '^VDI-RESULT PASS sva-bind '; then
         for c in sva-bound fill-counts invalidate-munmap child-gone totals-counts unbind-order; do
             [[ -n "${host_done[$c]:-}" ]] || result FAIL "$name/$c" "the guest never asked for it (see $console)"
         done

@@ -55,6 +55,9 @@ source "$ci_dir/provision.sh"
 # shellcheck source=daemon-lib.sh
 source "$ci_dir/daemon-lib.sh"
 
+# The unbind-order checks read the daemon's debug lines of ATTACH_TABLE,
+# DETACH_TABLE and the PASID requests, whatever else VDI_RUST_LOG asks for.
+export VDI_RUST_LOG="${VDI_RUST_LOG:-debug},viommu::device=debug,vhost_device_iommu::iommu=debug"
 timeout_s="${VDI_GUEST_TIMEOUT:-300}"
 fill_mib="${VDI_SVA_FILL_MIB:-64}"
 bench="${VDI_SVA_BENCH:-0}"

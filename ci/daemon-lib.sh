@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ci/daemon-lib.sh: shared helpers of the guest runners that use the daemon
-# (ci/guest-tests.sh, ci/bench-guest.sh).  Source it after ci/provision.sh.
+# (ci/guest-tests.sh, ci/sva-tests.sh, ci/bench-guest.sh).  Source it after ci/provision.sh.
 #
 # Owns: building the daemon and dma-test-device binaries (cargo build
 # --release, into the repository's target directory, so CARGO_TARGET_DIR is

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-# ci/hostcheck.py: host-side checks of ci/guest-tests.sh.
+# ci/hostcheck.py: host-side checks of ci/guest-tests.sh and ci/sva-tests.sh.
 #
 # Owns: judging the daemon's state, read through its control plane
-# (`vhost-device-iommu ctl --control-socket SOCK ... --json`), against what
-# the guest reported on its console; and a minimal QMP client for the
-# hot-unplug.  Every check prints exactly one line, "PASS <detail>" or
-# "FAIL <detail>", and exits 0 (the runner counts the verdicts); a usage
-# error exits 2.  Python standard library only.
+# (`vhost-device-iommu ctl --control-socket SOCK ... --json`), its event
+# stream (`watch`: a subscriber of the control protocol that records every
+# event as a JSON line) and its debug log, against what the guest reported
+# on its console; and a minimal QMP client for the hot-unplug.  Every
+# check prints exactly one line, "PASS <detail>" or "FAIL <detail>", and
+# exits 0 (the runner counts the verdicts); a usage error exits 2.
+# Python standard library only.
 #
 # Usage: hostcheck.py CHECK [ARGS...]   (see the dispatch table at the end)
 # Common options: --bin DAEMON_BINARY --ctl CONTROL_SOCKET
@@ -15,6 +17,7 @@ import argparse
 import json
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -412,6 +415,262 @@ def check_unplug_qmp(a):
     return f"device_del {a.id}: DEVICE_DELETED after {time.monotonic() - t0:.2f}s"
 
 
+# --- SVA (ci/sva-tests.sh) -------------------------------------------------
+
+EVENT_KINDS = {1: "attach", 2: "detach", 3: "map", 4: "unmap", 5: "bypass", 6: "reset",
+               7: "table-bound", 8: "table-unbound", 9: "table-invalidate"}
+TABLE_F_PASID, TABLE_F_RANGE = 1 << 0, 1 << 3
+HELLO_F_SUBSCRIBE = 1 << 1
+
+
+def watch(a):
+    """Subscribes to the daemon's event stream (docs/control-protocol.md,
+    without SYNC: the guest never waits for this client) and appends every
+    event to --out as a JSON object per line, until the daemon closes the
+    connection or the process is killed."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(a.ctl)
+    hello = b"VIOMMUCP" + struct.pack("<HHI", 1, 0, HELLO_F_SUBSCRIBE)
+    s.sendall(struct.pack("<IB", 1 + len(hello), 0x01) + hello)
+    buf = b""
+    with open(a.out, "a") as out:
+        while True:
+            data = s.recv(1 << 16)
+            if not data:
+                return "connection closed"
+            buf += data
+            while len(buf) >= 5:
+                n, = struct.unpack_from("<I", buf)
+                if len(buf) < 4 + n:
+                    break
+                typ, body, buf = buf[4], buf[5:4 + n], buf[4 + n:]
+                if typ == 0x9F:
+                    return "BYE " + body.decode(errors="replace")
+                if typ != 0x91:
+                    continue
+                seq, kind, flags, endpoint, domain, map_flags, start, end, phys = \
+                    struct.unpack_from("<QBBxxIIIQQQ", body)
+                ev = {"seq": seq, "kind": EVENT_KINDS.get(kind, kind), "flags": flags,
+                      "endpoint": endpoint, "domain": domain, "start": start, "end": end,
+                      "t": time.monotonic()}
+                if len(body) >= 48 + 48:
+                    (pasid, fmt, tflags, root, fl_flags, archid, width, _s1fmt, _s1dss,
+                     granule, _cdmax, inv_types, out_bits) = struct.unpack_from(
+                        "<IHBxQQQBBBBIHB", body, 48)
+                    ev.update(pasid=pasid, format=fmt, tflags=tflags, root=root,
+                              fl_flags=fl_flags, addr_width=width, granule=granule,
+                              inv_types=inv_types)
+                out.write(json.dumps(ev) + "\n")
+                out.flush()
+
+
+def events(path, want, timeout=3.0):
+    """The recorded events, waiting up to `timeout` for `want(events)`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                evs = [json.loads(l) for l in f if l.endswith("\n")]
+        except FileNotFoundError:
+            evs = []
+        if want(evs) or time.monotonic() >= deadline:
+            return evs
+        time.sleep(0.05)
+
+
+def table_events(evs, kind, pasid):
+    return [e for e in evs if e["kind"] == kind and e.get("tflags", 0) & TABLE_F_PASID
+            and e.get("pasid") == pasid]
+
+
+def log_index(lines, pattern):
+    """Index of the last daemon log line matching `pattern`, or None (a
+    PASID number may have been used before, by an earlier binding)."""
+    rx = re.compile(pattern)
+    return next((i for i in range(len(lines) - 1, -1, -1) if rx.search(lines[i])), None)
+
+
+def read_log(path):
+    with open(path, errors="replace") as f:
+        return f.read().splitlines()
+
+
+def check_sva_bound(a):
+    """The guest's BIND as the daemon holds it: both endpoints bound at the
+    PASID through one SVA domain, to one VT-d table of the right width,
+    user-only (fl_flags 0), announced as TABLE_BOUND events."""
+    ctl = Ctl(a.bin, a.ctl)
+    eps = sorted(int(e, 0) for e in a.eps.split(",") if int(e, 0))
+    tables = [t for t in ctl("pasid-tables")["tables"] if t["pasid"] == a.pasid]
+    if sorted(t["endpoint"] for t in tables) != eps:
+        raise CheckFailed(f"PASID {a.pasid} bound for endpoints {[t['endpoint'] for t in tables]}, "
+                          f"the guest bound {eps}: {json.dumps(tables)}")
+    for t in tables:
+        if (t["domain"], t["format"], t["addr_width"], t["fl_flags"]) != \
+                (a.domain, "vtd", a.addr_width, 0) or t["root"] % PAGE or not t["root"] \
+                or t["root"] != tables[0]["root"]:
+            raise CheckFailed(f"binding {json.dumps(t)}: expected domain {a.domain}, vtd, "
+                              f"addr_width {a.addr_width}, fl_flags 0, one page-aligned root")
+    mine = {p["host"]: p for p in ctl("pasids")["pasids"]}
+    p = mine.get(a.pasid)
+    if not p or p["state"] != "active" or p["guest"] != a.pasid:
+        raise CheckFailed(f"PASID {a.pasid} in the daemon: {json.dumps(p)}")
+    bound = events(a.events, lambda evs: len(table_events(evs, "table-bound", a.pasid)) >= len(eps))
+    bound = table_events(bound, "table-bound", a.pasid)[-len(eps):]
+    if sorted(e["endpoint"] for e in bound) != eps or any(e["root"] != tables[0]["root"] for e in bound):
+        raise CheckFailed(f"TABLE_BOUND events for PASID {a.pasid}: {json.dumps(bound)}")
+    return (f"PASID {a.pasid} bound for endpoints {eps} through domain {a.domain}: VT-d table at "
+            f"{tables[0]['root']:#x}, addr_width {a.addr_width}, fl_flags 0; PASID active "
+            f"(refs {p['refs']}); {len(bound)} TABLE_BOUND events")
+
+
+def check_stats_save(a):
+    doc = Ctl(a.bin, a.ctl)("stats")
+    with open(a.out, "w") as f:
+        json.dump(doc, f)
+    return f"saved to {a.out}"
+
+
+def guest_counts(text):
+    return {k: int(v) for k, v in (kv.split("=", 1) for kv in text.split() if "=" in kv)}
+
+
+def check_pr_counts(a):
+    """The module's page-request counters (from its STATS ioctl, since the
+    step began) against the daemon's `ctl stats` page_requests section:
+    every group raised was delivered, each was answered exactly once (by
+    the guest, or by the device for it, which makes the guest's late
+    answer an unknown one), and nothing is left in flight."""
+    g = guest_counts(a.guest)
+    pr = Ctl(a.bin, a.ctl)("stats")["page_requests"]
+    if a.before:
+        with open(a.before) as f:
+            b = json.load(f)["page_requests"]
+    else:
+        b = {"raised": 0, "delivered": 0, "guest": {}, "auto": {}, "unknown_responses": 0}
+
+    def d(key, sub=None):
+        if sub is None:
+            return pr[key] - b.get(key, 0)
+        return pr[key].get(sub, 0) - b[key].get(sub, 0)
+
+    auto = sum(pr["auto"].values()) - sum(b["auto"].values())
+    daemon = {"raised": d("raised"), "delivered": d("delivered"), "success": d("guest", "success"),
+              "invalid": d("guest", "invalid"), "failure": d("guest", "failure"),
+              "unknown": d("unknown_responses"), "auto": auto, "in_flight": pr["in_flight"]}
+    want = [("raised", daemon["raised"], g["groups"]), ("delivered", daemon["delivered"], g["groups"]),
+            ("success", daemon["success"], g["success"]), ("invalid", daemon["invalid"], g["invalid"]),
+            ("failure", daemon["failure"], g["failure"]), ("unknown responses", daemon["unknown"], g["stale"]),
+            ("device answers", daemon["auto"], g["stale"]), ("in flight", daemon["in_flight"], 0),
+            ("guest errors", g["errors"], 0), ("guest events lost", g["lost"], 0)]
+    bad = [f"{n} {got} != {exp}" for n, got, exp in want if got != exp]
+    if a.exact_groups is not None and g["groups"] != a.exact_groups:
+        bad.append(f"{g['groups']} groups, expected {a.exact_groups}")
+    if bad:
+        raise CheckFailed("; ".join(bad) + f" (guest {json.dumps(g)}, daemon {json.dumps(daemon)}, "
+                          f"auto {json.dumps(pr['auto'])})")
+    return (f"guest and daemon agree: {g['groups']} groups raised and delivered, answered "
+            f"{g['success']} SUCCESS + {g['invalid']} INVALID + {g['failure']} FAILURE by the guest and "
+            f"{daemon['auto']} by the device (the guest's late answers to those: {g['stale']} unknown), "
+            f"none in flight")
+
+
+def check_invalidated(a):
+    """munmap made the guest's MMU notifier send INVALIDATE: a
+    TABLE_INVALIDATE of the PASID whose range covers the hole (or the
+    whole PASID) reached the event stream."""
+    lo, hi = a.addr, a.addr + a.len - 1
+
+    def covering(evs):
+        return [e for e in table_events(evs, "table-invalidate", a.pasid)
+                if not e["tflags"] & TABLE_F_RANGE or (e["start"] <= lo and e["end"] >= hi)]
+
+    evs = events(a.events, lambda evs: covering(evs))
+    cover = covering(evs)
+    if not cover:
+        inv = table_events(evs, "table-invalidate", a.pasid)
+        raise CheckFailed(f"no TABLE_INVALIDATE of PASID {a.pasid} covers [{lo:#x}, {hi:#x}]; "
+                          f"{len(inv)} for the PASID: {json.dumps(inv[-3:])}")
+    e = cover[-1]
+    what = (f"[{e['start']:#x}, {e['end']:#x}]" if e["tflags"] & TABLE_F_RANGE else "the whole PASID")
+    return (f"munmap of [{lo:#x}, {hi:#x}]: INVALIDATE of {what} (granule {e['granule']}, "
+            f"types {e['inv_types']:#x}) in the daemon's event stream (seq {e['seq']})")
+
+
+def unbind_order(lines, evs, endpoints, pasid):
+    """(ok, detail): TABLE_UNBOUND of `endpoints` in order, and in the
+    daemon's log each DETACH_TABLE before the PASID_FREE."""
+    unbound = [e["endpoint"] for e in table_events(evs, "table-unbound", pasid)][-len(endpoints):]
+    detach = [log_index(lines, rf"DETACH_TABLE endpoint {ep} PASID {pasid}\b") for ep in endpoints]
+    free = log_index(lines, rf"PASID_FREE PASID {pasid}\b")
+    ok = unbound == endpoints and None not in detach and free is not None and \
+        detach == sorted(detach) and max(detach) < free
+    return ok, (f"TABLE_UNBOUND events for endpoints {unbound}; log lines: DETACH_TABLE {detach}, "
+                f"PASID_FREE {free}")
+
+
+def check_child_gone(a):
+    """The child exited with DMA in flight: nothing of its PASID is left
+    in the daemon (binding, PASID, page-request group), the host store
+    records only what the VM still holds, and the guest tore it down in
+    order: INVALIDATE of the PASID, DETACH_TABLE, then PASID_FREE."""
+    ctl = Ctl(a.bin, a.ctl)
+    bound = [t for t in ctl("pasid-tables")["tables"] if t["pasid"] == a.pasid]
+    if bound:
+        raise CheckFailed(f"PASID {a.pasid} still bound: {json.dumps(bound)}")
+    doc = ctl("pasids")
+    held = [p["host"] for p in doc["pasids"]]
+    if held != [a.parent]:
+        raise CheckFailed(f"the VM holds PASIDs {held}, expected only the parent's {a.parent}")
+    mine = [s for s in doc["sets"] if s.get("this_daemon")]
+    if len(mine) != 1 or mine[0]["pasids"] != 1 or mine[0]["active"] != 1:
+        raise CheckFailed(f"the host store records {json.dumps(mine)} for this VM, expected 1 PASID")
+    groups = ctl("faults")["groups"]
+    pr = ctl("stats")["page_requests"]
+    if groups or pr["in_flight"]:
+        raise CheckFailed(f"page requests still in flight: {pr['in_flight']}, {json.dumps(groups[:3])}")
+    evs = events(a.events, lambda evs: table_events(evs, "table-unbound", a.pasid))
+    unb = table_events(evs, "table-unbound", a.pasid)[-1:]
+    bound_at = max((e["seq"] for e in table_events(evs, "table-bound", a.pasid)), default=0)
+    inv = [e for e in table_events(evs, "table-invalidate", a.pasid)
+           if not e["tflags"] & TABLE_F_RANGE and e["seq"] > bound_at]
+    ok, detail = unbind_order(read_log(a.log), evs, [a.endpoint], a.pasid)
+    if not inv or not unb or inv[0]["seq"] > unb[0]["seq"] or not ok:
+        raise CheckFailed(f"teardown of PASID {a.pasid}: whole-PASID INVALIDATE seqs "
+                          f"{[e['seq'] for e in inv]}, TABLE_UNBOUND seqs {[e['seq'] for e in unb]}; {detail}")
+    return (f"child PASID {a.pasid}: no binding, no PASID, no page-request group left; the store "
+            f"records only the parent's PASID {a.parent}; torn down as INVALIDATE (whole PASID, seq "
+            f"{inv[0]['seq']}) -> DETACH_TABLE (seq {unb[0]['seq']}) -> PASID_FREE ({detail})")
+
+
+def check_unbound(a):
+    """UNBIND of both endpoints: DETACH_TABLE of each, in the order the
+    guest unbound them, then PASID_FREE; nothing bound or held after."""
+    ctl = Ctl(a.bin, a.ctl)
+    eps = [int(e, 0) for e in a.eps.split(",") if int(e, 0)]
+    evs = events(a.events, lambda evs: len(table_events(evs, "table-unbound", a.pasid)) >= len(eps))
+    ok, detail = unbind_order(read_log(a.log), evs, eps, a.pasid)
+    tables = ctl("pasid-tables")["tables"]
+    held = [p["host"] for p in ctl("pasids")["pasids"]]
+    if not ok or tables or held:
+        raise CheckFailed(f"{detail}; still bound {json.dumps(tables)}; PASIDs held {held}")
+    return f"PASID {a.pasid}: {detail}; nothing bound, no PASID held"
+
+
+def check_store_clean(a):
+    """After the daemon's clean exit, the host-wide PASID store holds no
+    set with PASIDs (the exit returned the VM's set)."""
+    cmd = [a.bin, "pasid-admin", "--state-dir", a.state_dir, "list", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+    if p.returncode != 0:
+        raise CheckFailed(f"pasid-admin list exited {p.returncode}: {p.stderr.strip()[-200:]}")
+    sets = json.loads(p.stdout)["sets"]
+    leaked = [s for s in sets if s["pasids"] or s["leased"]]
+    if leaked:
+        raise CheckFailed(f"sets left in {a.state_dir}: {json.dumps(leaked)}")
+    return f"pasid-admin list: {len(sets)} set(s) left in the store, none with a PASID or a lease"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="check", required=True)
@@ -470,6 +729,40 @@ def main():
     sp = add("pasids", check_pasids, "ctl")
     sp.add_argument("--console")
     sp.add_argument("--none", action="store_true")
+    sp = add("watch", watch)
+    sp.add_argument("--ctl", required=True)
+    sp.add_argument("--out", required=True)
+    sp = add("sva-bound", check_sva_bound, "ctl")
+    sp.add_argument("--pasid", type=int, required=True)
+    sp.add_argument("--domain", type=int, required=True)
+    sp.add_argument("--eps", required=True)
+    sp.add_argument("--addr-width", type=int, required=True)
+    sp.add_argument("--events", required=True)
+    sp = add("stats-save", check_stats_save, "ctl")
+    sp.add_argument("--out", required=True)
+    sp = add("pr-counts", check_pr_counts, "ctl")
+    sp.add_argument("--before")
+    sp.add_argument("--guest", required=True)
+    sp.add_argument("--exact-groups", type=int)
+    sp = add("invalidated", check_invalidated)
+    sp.add_argument("--events", required=True)
+    sp.add_argument("--pasid", type=int, required=True)
+    sp.add_argument("--addr", type=lambda v: int(v, 0), required=True)
+    sp.add_argument("--len", type=lambda v: int(v, 0), required=True)
+    sp = add("child-gone", check_child_gone, "ctl")
+    sp.add_argument("--pasid", type=int, required=True)
+    sp.add_argument("--parent", type=int, required=True)
+    sp.add_argument("--endpoint", type=int, required=True)
+    sp.add_argument("--events", required=True)
+    sp.add_argument("--log", required=True)
+    sp = add("unbound", check_unbound, "ctl")
+    sp.add_argument("--pasid", type=int, required=True)
+    sp.add_argument("--eps", required=True)
+    sp.add_argument("--events", required=True)
+    sp.add_argument("--log", required=True)
+    sp = add("store-clean", check_store_clean)
+    sp.add_argument("--bin", required=True)
+    sp.add_argument("--state-dir", required=True)
     sp = add("unplug", check_unplug_qmp)
     sp.add_argument("--qmp", required=True)
     sp.add_argument("--id", required=True)

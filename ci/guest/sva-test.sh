@@ -8,18 +8,24 @@
 # answers on /dev/ttyS1); "VDI-DONE" ends the test.
 # Kernel command line knobs:
 #   vdi.ep=N        endpoint ID of the DMA test device (default 0x28 = 00:05.0)
+#   vdi.ep2=N       a second endpoint bound to the same mm (default 0x29);
+#                   the daemon knows it, no device is behind it
 #   vdi.fillmib=N   size of the on-demand fill (default 64)
-#   vdi.bench=1     also run the SVA benchmark
+#   vdi.bench=1     also run the SVA benchmark (vdi.benchrounds=N rounds)
 
 EP=0x28
+EP2=0x29
 FILL=64
 BENCH=0
+ROUNDS=5
 read -r cmdline </proc/cmdline
 for arg in $cmdline; do
     case "$arg" in
         vdi.ep=*) EP="${arg#vdi.ep=}" ;;
+        vdi.ep2=*) EP2="${arg#vdi.ep2=}" ;;
         vdi.fillmib=*) FILL="${arg#vdi.fillmib=}" ;;
         vdi.bench=*) BENCH="${arg#vdi.bench=}" ;;
+        vdi.benchrounds=*) ROUNDS="${arg#vdi.benchrounds=}" ;;
     esac
 done
 
@@ -73,10 +79,14 @@ if grep -q '^VDI-RESULT PASS bind-refused' /tmp/bind.out; then
     esac
 fi
 
-# 7. The SVA checks of issue 14 (SKIP with the reason until the daemon and
-#    the DMA test device support PASIDs).
-sva-test sva "$EP" --fill-mib "$FILL"
-[ "$BENCH" = 1 ] && sva-test bench "$EP" --mib "$FILL"
+# 7. The SVA checks of issue 14, in lock step with the host, which checks
+#    the daemon's side (bindings, events, counters, PASIDs) at each step
+#    (SKIP with the reason if the daemon or the DMA test device lacks
+#    PASIDs).
+sva-test sva "$EP" --ep2 "$EP2" --fill-mib "$FILL" --hold 3
+[ "$BENCH" = 1 ] && sva-test bench "$EP" --mib "$FILL" --rounds "$ROUNDS"
+# Everything unbound and freed: the host finds no PASID left in the daemon.
+wait_host returned
 
 # 8. No oops, warning, lost event or broken device.
 bad="$(kmsg | grep -E 'BUG:|WARNING:|Oops|general protection|refcount_t|device marked broken|event lost|no answer within' | head -n 5)"
@@ -86,7 +96,21 @@ else
     fail kernel-healthy "$(echo "$bad" | tr '\n' '|')"
 fi
 
-# 9. Unbinding the driver from the device (module removal) is clean.
+# 9. Bounded waits: the host stops the daemon (SIGSTOP) under a PROBE, then
+#    under an INVALIDATE from the MMU notifier (the device is then marked
+#    broken: this comes last).
+echo 1000 >/sys/module/viommu_sva/parameters/req_timeout_ms
+sva-test stall-probe 0x2a --hold 3
+sva-test broken "$EP" --hold 3
+bad="$(kmsg | grep -E 'BUG:|WARNING:|Oops|general protection|refcount_t|event lost' | head -n 5)"
+if [ -z "$bad" ]; then
+    pass kernel-healthy-stalled "no oops, warning or lost event with the daemon stopped"
+else
+    fail kernel-healthy-stalled "$(echo "$bad" | tr '\n' '|')"
+fi
+
+# 10. Module removal is clean, the device marked broken or not (requests
+#     fail fast, the reset makes the daemon drop what the guest held).
 if rmmod viommu_sva 2>/tmp/rmmod.err && [ ! -e /dev/viommu-sva ] &&
     kmsg | grep -q 'viommu_sva virtio[0-9]*: device removed'; then
     pass module-unload "rmmod: device removed, /dev/viommu-sva gone"

@@ -201,6 +201,21 @@ impl PageRequestTicket {
             None => Err(Error::PageRequestTimeout(self.fault)),
         }
     }
+
+    /// Waits for the answer at most `timeout`, keeping the ticket:
+    /// `Ok(None)` when none came meanwhile (wait again, or drop the ticket
+    /// to stop waiting). A device model that must stop promptly (a device
+    /// reset) waits in short slices with this.
+    pub fn poll(&mut self, timeout: Duration) -> Result<Option<PageResponse>, Error> {
+        match self.slot.take_until(Instant::now() + timeout) {
+            Some(Some(Reply::PageResponse(r))) => Ok(Some(r)),
+            Some(Some(_)) => Err(Error::Protocol("unexpected answer to a page request")),
+            // The answer was taken by an earlier poll, or the connection
+            // closed: nothing will come.
+            Some(None) => Err(Error::Disconnected),
+            None => Ok(None),
+        }
+    }
 }
 
 impl Drop for PageRequestTicket {

@@ -16,14 +16,16 @@ use std::{
         mpsc, Arc, Condvar, Mutex, MutexGuard,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use log::{error, info, warn};
 use viommu_client::{Access, Client, Options, Segment};
 
 use crate::{
-    engine::{self, DirectSpace, DmaSpace, Fault, FaultKind, FaultReporter, IommuSpace},
+    engine::{
+        self, DirectSpace, DmaSpace, Fault, FaultKind, FaultReporter, IommuSpace, PasidSpace,
+    },
     ram::{Ram, RamView},
     regs::{Op, OpKind, Outcome, Registers, Status, WriteEffect, FAULT_REASON_TRANSLATION, STATUS},
 };
@@ -40,6 +42,10 @@ pub enum Translation {
     Direct,
 }
 
+/// How long a PASID operation may take in all, waiting for page requests
+/// included, unless `IommuLink::operation_timeout` says otherwise.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The connection to the daemon, made again when it breaks.
 pub struct IommuLink {
     socket: PathBuf,
@@ -47,6 +53,8 @@ pub struct IommuLink {
     cache: bool,
     client: Mutex<Option<Arc<Client>>>,
     reporter: FaultReporter,
+    /// The deadline of a PASID operation, from its CMD write.
+    pub operation_timeout: Duration,
 }
 
 impl IommuLink {
@@ -69,6 +77,7 @@ impl IommuLink {
             cache,
             client: Mutex::new(Some(Arc::new(client))),
             reporter: FaultReporter::new().map_err(viommu_client::Error::Io)?,
+            operation_timeout: OPERATION_TIMEOUT,
         })
     }
 
@@ -146,8 +155,10 @@ pub struct Device {
 
 impl Device {
     pub fn new(translation: Translation) -> std::io::Result<Device> {
+        // PASIDs name guest page tables, which only the daemon walks.
+        let pasid = matches!(translation, Translation::Iommu(_));
         let shared = Arc::new(Shared {
-            regs: Mutex::new(Registers::default()),
+            regs: Mutex::new(Registers::new(pasid)),
             finished: Condvar::new(),
             cancel: AtomicBool::new(false),
             ram: Ram::default(),
@@ -270,8 +281,10 @@ fn refused(op: &Op) -> Outcome {
 
 fn worker(shared: &Shared, work: &mpsc::Receiver<Op>) {
     while let Ok(op) = work.recv() {
-        let outcome =
-            catch_unwind(AssertUnwindSafe(|| execute(shared, &op))).unwrap_or_else(|_| {
+        // The deadline of a PASID operation counts from its CMD write.
+        let started = Instant::now();
+        let outcome = catch_unwind(AssertUnwindSafe(|| execute(shared, &op, started)))
+            .unwrap_or_else(|_| {
                 error!("BUG: the DMA engine panicked on {op:?}; reported as a fault");
                 refused(&op)
             });
@@ -281,11 +294,22 @@ fn worker(shared: &Shared, work: &mpsc::Receiver<Op>) {
     }
 }
 
-fn execute(shared: &Shared, op: &Op) -> Outcome {
+fn execute(shared: &Shared, op: &Op, started: Instant) -> Outcome {
     let cancel = &shared.cancel;
     match &shared.translation {
         Translation::Direct => engine::run(&DirectSpace { ram: &shared.ram }, op, cancel),
         Translation::Iommu(link) => match link.client() {
+            Some(client) if op.pasid.is_some() => {
+                let space = PasidSpace {
+                    client: &client,
+                    endpoint: link.endpoint,
+                    pasid: op.pasid.unwrap_or_default(),
+                    ram: &shared.ram,
+                    deadline: started + link.operation_timeout,
+                    cancel,
+                };
+                engine::run(&space, op, cancel)
+            }
             Some(client) => {
                 let space = IommuSpace {
                     client: &client,
@@ -430,6 +454,7 @@ mod tests {
             cache: true,
             client: Mutex::new(None),
             reporter: FaultReporter::new().unwrap(),
+            operation_timeout: OPERATION_TIMEOUT,
         };
         let d = Device::new(Translation::Iommu(link)).unwrap();
         d.ram()

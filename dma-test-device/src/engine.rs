@@ -12,7 +12,13 @@
 //!   complete while the access is in flight, and a cached translation is
 //!   never used after its invalidation;
 //! - without it (`DirectSpace`), the DMA_MAP table's read lock does the
-//!   same against QEMU's DMA_UNMAP.
+//!   same against QEMU's DMA_UNMAP;
+//! - with a PASID (`PasidSpace`), `Client::translate_pasid_or_request_with`
+//!   walks the page table the guest bound to the PASID (the process's own
+//!   table, with SVA) under the same coherence: the guest's INVALIDATE
+//!   waits for the access. A page the process has not touched yet is not
+//!   present: the call raises a page request instead, the guest's fault
+//!   handler maps the page and answers, and the device translates again.
 //!
 //! Fault rule: a fault stops the operation at the first faulting address.
 //! Bytes before it were transferred (`done_bytes`); nothing at or after it
@@ -60,14 +66,21 @@ use std::{
         mpsc, Arc,
     },
     thread,
+    time::{Duration, Instant},
 };
 
 use log::{debug, warn};
-use viommu_client::{Access, Client, Error as ClientError, Segment};
+use viommu_client::{
+    Access, Client, Error as ClientError, PageAccess, PageRequestTicket, PasidTranslation,
+    ResponseCode, Segment,
+};
 
 use crate::{
     ram::{Ram, RamView},
-    regs::{FaultRecord, Op, OpKind, Outcome, FAULT_REASON_MEMORY, FAULT_REASON_TRANSLATION},
+    regs::{
+        FaultRecord, Op, OpKind, Outcome, FAULT_REASON_DEADLINE, FAULT_REASON_MEMORY,
+        FAULT_REASON_PAGE_REQUEST, FAULT_REASON_TRANSLATION,
+    },
 };
 
 /// Largest piece of an operation translated and accessed at once: the
@@ -99,6 +112,15 @@ pub enum FaultKind {
     /// Translated, but the guest-physical address is not memory QEMU gave
     /// the device.
     Memory,
+    /// PASID: the guest answered the page request for this page INVALID
+    /// (or FAILURE): the process has no such page, or not with this access.
+    PageRequestRefused,
+    /// PASID: the operation's deadline passed before the page request for
+    /// this page was answered.
+    Deadline,
+    /// A device reset stopped the operation while it waited for a page
+    /// request. Never reported: the reset clears the registers.
+    Cancelled,
 }
 
 impl Fault {
@@ -106,8 +128,12 @@ impl Fault {
         FaultRecord {
             address: self.address,
             reason: match self.kind {
-                FaultKind::Translation { .. } | FaultKind::Unavailable => FAULT_REASON_TRANSLATION,
+                FaultKind::Translation { .. } | FaultKind::Unavailable | FaultKind::Cancelled => {
+                    FAULT_REASON_TRANSLATION
+                }
                 FaultKind::Memory => FAULT_REASON_MEMORY,
+                FaultKind::PageRequestRefused => FAULT_REASON_PAGE_REQUEST,
+                FaultKind::Deadline => FAULT_REASON_DEADLINE,
             },
             write: self.access == Access::Write,
         }
@@ -233,6 +259,126 @@ impl DmaSpace for IommuSpace<'_> {
     }
 }
 
+/// DMA with a PASID: device addresses are virtual addresses of the address
+/// space the guest bound to (`endpoint`, `pasid`) with ATTACH_TABLE (with
+/// SVA, a process's page table). Reads are user-mode reads, writes
+/// user-mode writes, as the process itself would do them.
+///
+/// A page the table does not map (or maps without the access) is one the
+/// guest can provide: the translation raises a page request, the guest's
+/// fault handler maps the page and answers, and the device translates
+/// again. The guest answers INVALID for a page the process does not have
+/// (or may not access that way): the access stops there.
+pub struct PasidSpace<'a> {
+    pub client: &'a Client,
+    pub endpoint: u32,
+    pub pasid: u32,
+    pub ram: &'a Ram,
+    /// When the operation stops waiting for the guest: one deadline for
+    /// all its page requests.
+    pub deadline: Instant,
+    /// Set by a device reset: stop waiting for an answer.
+    pub cancel: &'a AtomicBool,
+}
+
+/// How often a wait for a page request looks at `PasidSpace::cancel`.
+const CANCEL_POLL: Duration = Duration::from_millis(5);
+
+impl PasidSpace<'_> {
+    /// Waits for the guest's answer to a page request (or the device's
+    /// own INVALID: the daemon answers for a guest that cannot).
+    fn answer(&self, mut ticket: PageRequestTicket) -> Result<(), FaultKind> {
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(FaultKind::Cancelled);
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(FaultKind::Deadline);
+            }
+            match ticket.poll(left.min(CANCEL_POLL)) {
+                Ok(None) => {}
+                Ok(Some(r)) if r.code == ResponseCode::Success => return Ok(()),
+                Ok(Some(r)) => {
+                    debug!(
+                        "page request at {:#x} (PASID {}) answered {r:?}",
+                        ticket.fault().address,
+                        self.pasid
+                    );
+                    return Err(FaultKind::PageRequestRefused);
+                }
+                Err(e) => {
+                    warn!("page request at {:#x}: {e}", ticket.fault().address);
+                    return Err(FaultKind::Unavailable);
+                }
+            }
+        }
+    }
+}
+
+impl DmaSpace for PasidSpace<'_> {
+    fn translate_with<R>(
+        &self,
+        addr: u64,
+        len: u64,
+        access: Access,
+        f: impl FnOnce(&[Segment], &RamView) -> R,
+    ) -> Result<R, Fault> {
+        let page_access = match access {
+            Access::Read => PageAccess::READ,
+            Access::Write => PageAccess::WRITE,
+        };
+        let fault = |address, kind| Fault {
+            address,
+            access,
+            kind,
+        };
+        // `f` runs once, in the attempt where the whole range translates.
+        let mut f = Some(f);
+        loop {
+            let attempt = self.client.translate_pasid_or_request_with(
+                self.endpoint,
+                self.pasid,
+                addr,
+                len,
+                page_access,
+                |segs| f.take().map(|f| f(segs, &self.ram.view())),
+            );
+            let ticket = match attempt {
+                Ok(PasidTranslation::Done(Some(r))) => return Ok(r),
+                Ok(PasidTranslation::Done(None)) => unreachable!("the access ran twice"),
+                // The guest is asked for the page at `ticket.fault()`.
+                Ok(PasidTranslation::PageRequest(ticket)) => ticket,
+                // Not something a page request can fix: nothing bound at
+                // the PASID (the process exited or unbound), a broken table.
+                Err(ClientError::Fault(info)) => {
+                    let kind = FaultKind::Translation {
+                        reason: info.reason,
+                    };
+                    return Err(fault(info.address, kind));
+                }
+                Err(e) => {
+                    warn!(
+                        "translation of {addr:#x}+{len:#x} for endpoint {} PASID {}: {e}; access refused",
+                        self.endpoint, self.pasid
+                    );
+                    return Err(fault(addr, FaultKind::Unavailable));
+                }
+            };
+            let at = ticket.fault().address;
+            // After a SUCCESS, translate again: the pages before `at` are
+            // in the client's cache, the next missing page (if any) raises
+            // the next page request.
+            self.answer(ticket).map_err(|kind| fault(at, kind))?;
+        }
+    }
+
+    /// Nothing to report: a refused page request was the guest's own
+    /// answer, and a missing binding means the process is gone (the
+    /// control protocol's fault reports carry no PASID).
+    fn report(&self, _fault: &Fault) {}
+}
+
 /// DMA without the daemon: device addresses are the addresses of QEMU's
 /// DMA_MAP messages (IOVAs behind QEMU's own vIOMMU, guest-physical
 /// without one). An address outside every region, or in a region that
@@ -292,8 +438,9 @@ fn transfer<S: DmaSpace>(
             Err(fault) => {
                 // Translate the part before the fault: it may be accessed.
                 let prefix = fault.address.wrapping_sub(addr);
+                let cancelled = fault.kind == FaultKind::Cancelled;
                 stopped_by = Some(fault);
-                if prefix == 0 || prefix >= n {
+                if prefix == 0 || prefix >= n || cancelled {
                     return (0, stopped_by);
                 }
                 n = prefix;
@@ -356,8 +503,9 @@ pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
 }
 
 /// Runs `op` to its end, its first fault, or `cancel` (checked between
-/// chunks; a cancelled operation reports what it did, without a fault).
-/// Translation faults are reported through `space` before returning.
+/// chunks, and by `PasidSpace` while it waits for a page request; a
+/// cancelled operation reports what it did, without a fault). Translation
+/// faults are reported through `space` before returning.
 pub fn run<S: DmaSpace>(space: &S, op: &Op, cancel: &AtomicBool) -> Outcome {
     let mut buf = vec![0u8; CHUNK.min(op.len) as usize];
     let pattern = op.pattern.to_le_bytes();
@@ -404,6 +552,9 @@ pub fn run<S: DmaSpace>(space: &S, op: &Op, cancel: &AtomicBool) -> Outcome {
             break;
         }
         debug_assert_eq!(moved, n);
+    }
+    if fault.is_some_and(|f| f.kind == FaultKind::Cancelled) {
+        fault = None;
     }
     if let Some(f) = &fault {
         debug!("{:?} stopped after {done:#x} bytes: {f:?}", op.kind);
@@ -457,7 +608,10 @@ mod tests {
     use std::{cell::RefCell, collections::BTreeMap};
 
     use super::*;
-    use crate::{ram::tests::file, regs::FAULT_INFO_WRITE};
+    use crate::{
+        ram::tests::file,
+        regs::{FAULT_INFO_WRITE, FAULT_REASON_DEADLINE, FAULT_REASON_PAGE_REQUEST},
+    };
 
     const PAGE: u64 = 0x1000;
     /// Guest RAM of the tests: 1 MiB at guest-physical 0x100000.
@@ -549,6 +703,7 @@ mod tests {
             dst,
             len,
             pattern,
+            pasid: None,
         }
     }
 
@@ -755,5 +910,252 @@ mod tests {
         let out = run(&m, &op(OpKind::Fill, 0, 0, 0x10_0000, 1), &cancel);
         assert_eq!((out.done_bytes, out.fault), (0, None));
         assert!(m.translated.borrow().is_empty());
+    }
+
+    /// The contract of `PasidSpace` over the fake IOMMU, as a process's
+    /// address space: pages the process has touched are mapped; a page
+    /// that is not (or is read-only, for a write) is asked for with a page
+    /// request, which the guest answers by mapping the page at the next
+    /// free guest page (SUCCESS), or refuses (INVALID) for the pages in
+    /// `refused`; after a SUCCESS the range is translated again. `answers` bounds how
+    /// many page requests are answered before the deadline passes;
+    /// `cancel_at` makes the device reset arrive during that page request.
+    struct OnDemand {
+        iommu: RefCell<FakeIommu>,
+        refused: std::collections::BTreeSet<u64>,
+        next_gpa: std::cell::Cell<u64>,
+        requests: RefCell<Vec<(u64, Access)>>,
+        answers: std::cell::Cell<usize>,
+        cancel_at: Option<usize>,
+    }
+
+    impl OnDemand {
+        fn new() -> Self {
+            OnDemand {
+                iommu: RefCell::new(FakeIommu::new()),
+                refused: Default::default(),
+                next_gpa: std::cell::Cell::new(RAM_BASE),
+                requests: RefCell::new(Vec::new()),
+                answers: std::cell::Cell::new(usize::MAX),
+                cancel_at: None,
+            }
+        }
+
+        /// The process touches `pages` pages from `va` (they become
+        /// resident) with `byte`.
+        fn touch(&self, va: u64, pages: u64, byte: u8) {
+            for i in 0..pages {
+                let gpa = self.fault_in(va + i * PAGE);
+                self.iommu.borrow().poke(gpa, &[byte; PAGE as usize]);
+            }
+        }
+
+        fn fault_in(&self, page: u64) -> u64 {
+            let gpa = self.next_gpa.get();
+            self.next_gpa.set(gpa + PAGE);
+            self.iommu.borrow_mut().map(page, gpa, 1, true);
+            gpa
+        }
+
+        /// The bytes of `[va, va + len)`, 0 where nothing is mapped.
+        fn peek(&self, va: u64, len: u64) -> Vec<u8> {
+            let m = self.iommu.borrow();
+            (va..va + len)
+                .map(|a| match m.pages.get(&(a & !(PAGE - 1))) {
+                    Some(&(gpa, _)) => m.peek(gpa + (a & (PAGE - 1)), 1)[0],
+                    None => 0,
+                })
+                .collect()
+        }
+    }
+
+    impl DmaSpace for OnDemand {
+        fn translate_with<R>(
+            &self,
+            addr: u64,
+            len: u64,
+            access: Access,
+            f: impl FnOnce(&[Segment], &RamView) -> R,
+        ) -> Result<R, Fault> {
+            let fault = |address, kind| Fault {
+                address,
+                access,
+                kind,
+            };
+            loop {
+                let missing = match self
+                    .iommu
+                    .borrow()
+                    .translate_with(addr, len, access, |_, _| ())
+                {
+                    Ok(()) => None,
+                    Err(f) => Some(f.address),
+                };
+                let Some(at) = missing else {
+                    return self.iommu.borrow().translate_with(addr, len, access, f);
+                };
+                // A page request for the page of `at`.
+                let n = self.requests.borrow().len();
+                self.requests.borrow_mut().push((at & !(PAGE - 1), access));
+                if self.cancel_at == Some(n) {
+                    return Err(fault(at, FaultKind::Cancelled));
+                }
+                if n >= self.answers.get() {
+                    return Err(fault(at, FaultKind::Deadline));
+                }
+                if self.refused.contains(&(at & !(PAGE - 1))) {
+                    return Err(fault(at, FaultKind::PageRequestRefused));
+                }
+                self.fault_in(at & !(PAGE - 1));
+            }
+        }
+
+        fn report(&self, fault: &Fault) {
+            self.iommu.borrow().report(fault);
+        }
+    }
+
+    /// Whether every byte of `bytes` is `b` (without printing megabytes
+    /// when it is not).
+    fn all(bytes: &[u8], b: u8) -> bool {
+        bytes.iter().all(|&x| x == b)
+    }
+
+    const VA: u64 = 0x7f12_3400_0000;
+
+    #[test]
+    fn a_fill_of_untouched_memory_asks_for_every_page_once_and_writes_every_byte() {
+        let m = OnDemand::new();
+        let len = 40 * PAGE + 0x10;
+        let out = go(
+            &m,
+            op(OpKind::Fill, 0, VA + 0x7f0, len, 0x1122_3344_5566_7788),
+        );
+        assert_eq!((out.done_bytes, out.fault), (len, None));
+        let want: Vec<u8> = (0..len as usize)
+            .map(|i| 0x1122_3344_5566_7788u64.to_le_bytes()[i % 8])
+            .collect();
+        assert!(m.peek(VA + 0x7f0, len) == want, "bytes of the fill");
+        assert!(all(&m.peek(VA, 0x7f0), 0), "nothing before DST");
+        // 41 pages touched, each asked for once, as a write.
+        let reqs = m.requests.borrow();
+        assert_eq!(reqs.len(), 41);
+        assert!(reqs.iter().all(|&(_, a)| a == Access::Write));
+        let mut pages: Vec<u64> = reqs.iter().map(|r| r.0).collect();
+        pages.dedup();
+        assert_eq!(pages.len(), 41);
+    }
+
+    #[test]
+    fn a_copy_asks_for_missing_pages_with_the_access_it_needs() {
+        let m = OnDemand::new();
+        let (src, dst) = (VA, VA + 0x100_0000);
+        // Every other source page, and the first destination page, are
+        // resident; a read-only destination page must be asked for again
+        // as a write.
+        for i in (0..8).step_by(2) {
+            m.touch(src + i * PAGE, 1, i as u8 + 1);
+        }
+        m.touch(dst, 1, 0xee);
+        let gpa = m.fault_in(dst + PAGE);
+        m.iommu.borrow_mut().map(dst + PAGE, gpa, 1, false);
+        let out = go(&m, op(OpKind::Copy, src, dst, 8 * PAGE, 0));
+        assert_eq!((out.done_bytes, out.fault), (8 * PAGE, None));
+        for i in 0..8u64 {
+            let want = if i % 2 == 0 { i as u8 + 1 } else { 0 };
+            assert!(all(&m.peek(dst + i * PAGE, PAGE), want), "page {i}");
+        }
+        let reqs = m.requests.borrow().clone();
+        let writes: Vec<u64> = reqs
+            .iter()
+            .filter(|r| r.1 == Access::Write)
+            .map(|r| (r.0 - dst) / PAGE)
+            .collect();
+        let reads: Vec<u64> = reqs
+            .iter()
+            .filter(|r| r.1 == Access::Read)
+            .map(|r| (r.0 - src) / PAGE)
+            .collect();
+        // The destination first (the whole chunk), then the source.
+        assert_eq!(writes, [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(reads, [1, 3, 5, 7]);
+        assert_eq!(reqs[..7].iter().filter(|r| r.1 == Access::Write).count(), 7);
+    }
+
+    #[test]
+    fn a_refused_page_stops_the_operation_there_and_nothing_after_it_is_written() {
+        let mut m = OnDemand::new();
+        // The process unmapped pages 8..16 of a 32-page buffer it had
+        // filled with 0x11; the guest refuses them.
+        m.touch(VA, 8, 0x11);
+        m.touch(VA + 16 * PAGE, 16, 0x11);
+        for i in 8..16 {
+            m.refused.insert(VA + i * PAGE);
+        }
+        let out = go(&m, op(OpKind::Fill, 0, VA + 0x100, 32 * PAGE - 0x100, !0));
+        assert_eq!(out.done_bytes, 8 * PAGE - 0x100);
+        let f = out.fault.unwrap();
+        assert_eq!(
+            (f.address, f.reason, f.write),
+            (VA + 8 * PAGE, FAULT_REASON_PAGE_REQUEST, true)
+        );
+        assert!(all(&m.peek(VA, 0x100), 0x11));
+        assert!(all(&m.peek(VA + 0x100, 8 * PAGE - 0x100), 0xff));
+        assert!(all(&m.peek(VA + 16 * PAGE, 16 * PAGE), 0x11));
+        // One page request, for the first page of the hole; the guest
+        // answered it: nothing to report.
+        assert_eq!(*m.requests.borrow(), [(VA + 8 * PAGE, Access::Write)]);
+        assert!(m.iommu.borrow().reported.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_copy_to_a_refused_page_reads_only_the_source_it_can_write() {
+        let mut m = OnDemand::new();
+        let (src, dst) = (VA, VA + 0x100_0000);
+        m.refused.insert(dst + 3 * PAGE);
+        m.touch(src, 2, 0x5a);
+        let out = go(&m, op(OpKind::Copy, src, dst, 6 * PAGE, 0));
+        assert_eq!(out.done_bytes, 3 * PAGE);
+        let f = out.fault.unwrap();
+        assert_eq!((f.address, f.write), (dst + 3 * PAGE, true));
+        assert!(all(&m.peek(dst, 2 * PAGE), 0x5a));
+        assert!(all(&m.peek(dst + 2 * PAGE, 4 * PAGE), 0));
+        // Source pages past what the destination accepts were never asked
+        // for: the process's memory is not faulted in for nothing.
+        let reads: Vec<u64> = m
+            .requests
+            .borrow()
+            .iter()
+            .filter(|r| r.1 == Access::Read)
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(reads, [src + 2 * PAGE]);
+    }
+
+    #[test]
+    fn the_deadline_stops_the_operation_with_its_own_reason() {
+        let m = OnDemand::new();
+        m.answers.set(5);
+        let out = go(&m, op(OpKind::Checksum, VA, 0, 16 * PAGE, 0));
+        assert_eq!(out.done_bytes, 5 * PAGE);
+        let f = out.fault.unwrap();
+        assert_eq!(
+            (f.address, f.reason, f.write),
+            (VA + 5 * PAGE, FAULT_REASON_DEADLINE, false)
+        );
+        assert_eq!(out.result, fnv1a(FNV_OFFSET, &[0; 5 * PAGE as usize]));
+    }
+
+    #[test]
+    fn a_reset_during_a_page_request_stops_without_a_fault_and_writes_nothing_more() {
+        let mut m = OnDemand::new();
+        m.cancel_at = Some(20);
+        // Chunk 1 (16 pages) completes; the reset comes during the 5th
+        // page request of chunk 2.
+        let out = go(&m, op(OpKind::Fill, 0, VA, 64 * PAGE, !0));
+        assert_eq!((out.done_bytes, out.fault), (16 * PAGE, None));
+        assert!(all(&m.peek(VA, 16 * PAGE), 0xff));
+        assert!(all(&m.peek(VA + 16 * PAGE, 4 * PAGE), 0));
+        assert_eq!(m.requests.borrow().len(), 21);
     }
 }

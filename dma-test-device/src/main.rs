@@ -2,11 +2,11 @@
 //! `dma-test-device`: serves the DMA test device to QEMU's `vfio-user-pci`
 //! on a Unix socket (rust-vmm `vfio_user` server side).
 
-use std::{fs::File, io, path::PathBuf, process::ExitCode};
+use std::{fs::File, io, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use dma_test_device::{
-    device::{Device, IommuLink, Translation},
+    device::{Device, IommuLink, Translation, OPERATION_TIMEOUT},
     pci::{ConfigSpace, CONFIG_SIZE},
     regs::BAR0_SIZE,
 };
@@ -45,6 +45,13 @@ struct Args {
     /// measurements, not for guests to rely on)
     #[arg(long)]
     no_cache: bool,
+
+    /// Longest a PASID operation may take, from its CMD write, while it
+    /// waits for the guest to answer page requests; past it the operation
+    /// stops with a fault (FAULT_INFO reason 4)
+    #[arg(long, value_name = "MS", default_value_t = OPERATION_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    operation_timeout_ms: u64,
 
     /// Serve QEMU again after it disconnects, instead of exiting
     #[arg(long)]
@@ -233,7 +240,10 @@ fn main() -> ExitCode {
     let translation = match (&args.control_socket, args.endpoint) {
         (Some(socket), Some(endpoint)) => {
             match IommuLink::connect(socket.clone(), endpoint, !args.no_cache) {
-                Ok(link) => Translation::Iommu(link),
+                Ok(mut link) => {
+                    link.operation_timeout = Duration::from_millis(args.operation_timeout_ms);
+                    Translation::Iommu(link)
+                }
                 Err(e) => {
                     error!("control socket {}: {e}", socket.display());
                     return ExitCode::FAILURE;

@@ -28,7 +28,8 @@ pub const CAP_COPY: u32 = 1 << 0;
 pub const CAP_FILL: u32 = 1 << 1;
 pub const CAP_CHECKSUM: u32 = 1 << 2;
 pub const CAP_PASID: u32 = 1 << 3;
-/// What this device can do: no PASID operations yet.
+/// The operations every device has; `CAP_PASID` is added when the device
+/// translates through the daemon (`Registers::new`).
 pub const CAPS_VALUE: u32 = CAP_COPY | CAP_FILL | CAP_CHECKSUM;
 
 pub const OP_COPY: u32 = 1;
@@ -44,6 +45,7 @@ pub const MAX_LEN: u64 = 1 << 30;
 pub const FAULT_REASON_TRANSLATION: u32 = 1;
 pub const FAULT_REASON_PAGE_REQUEST: u32 = 2;
 pub const FAULT_REASON_MEMORY: u32 = 3;
+pub const FAULT_REASON_DEADLINE: u32 = 4;
 pub const FAULT_INFO_WRITE: u32 = 1 << 8;
 
 /// STATUS values.
@@ -77,6 +79,8 @@ pub struct Op {
     pub dst: u64,
     pub len: u64,
     pub pattern: u64,
+    /// `CMD.USE_PASID`: SRC and DST are virtual addresses of this PASID.
+    pub pasid: Option<u32>,
 }
 
 /// How an operation ended.
@@ -102,6 +106,8 @@ pub struct FaultRecord {
 /// The register file.
 #[derive(Clone, Debug)]
 pub struct Registers {
+    /// CAPS: `CAPS_VALUE`, plus `CAP_PASID` on a device that has PASIDs.
+    caps: u32,
     src: u64,
     dst: u64,
     len: u64,
@@ -119,8 +125,10 @@ pub struct Registers {
 }
 
 impl Default for Registers {
+    /// A device without PASID operations.
     fn default() -> Self {
         Registers {
+            caps: CAPS_VALUE,
             src: 0,
             dst: 0,
             len: 0,
@@ -155,6 +163,15 @@ fn reg_size(base: u64) -> Option<u64> {
 }
 
 impl Registers {
+    /// The registers of a device with (`pasid`) or without PASID
+    /// operations.
+    pub fn new(pasid: bool) -> Registers {
+        Registers {
+            caps: CAPS_VALUE | if pasid { CAP_PASID } else { 0 },
+            ..Registers::default()
+        }
+    }
+
     pub fn status(&self) -> Status {
         self.status
     }
@@ -164,7 +181,7 @@ impl Registers {
         match base {
             ID => ID_VALUE.into(),
             VERSION => VERSION_VALUE.into(),
-            CAPS => CAPS_VALUE.into(),
+            CAPS => self.caps.into(),
             SRC => self.src,
             DST => self.dst,
             LEN => self.len,
@@ -264,7 +281,13 @@ impl Registers {
             OP_CHECKSUM => Some(OpKind::Checksum),
             _ => None,
         };
-        let pasid_ok = cmd & CMD_USE_PASID == 0 || CAPS_VALUE & CAP_PASID != 0;
+        // USE_PASID needs the capability and a PASID: PASID 0 names DMA
+        // without PASID, which is the command without USE_PASID.
+        let pasid = (cmd & CMD_USE_PASID != 0).then_some(self.pasid);
+        let pasid_ok = match pasid {
+            None => true,
+            Some(p) => self.caps & CAP_PASID != 0 && p != 0,
+        };
         let other_bits = cmd & !(CMD_OPCODE_MASK | CMD_USE_PASID);
         match kind {
             Some(kind) if pasid_ok && other_bits == 0 && (1..=MAX_LEN).contains(&self.len) => {
@@ -275,6 +298,7 @@ impl Registers {
                     dst: self.dst,
                     len: self.len,
                     pattern: self.pattern,
+                    pasid,
                 })
             }
             _ => {
@@ -302,6 +326,7 @@ impl Registers {
     /// counters are kept).
     pub fn reset(&mut self) {
         *self = Registers {
+            caps: self.caps,
             ignored_commands: self.ignored_commands,
             bad_accesses: self.bad_accesses,
             ..Registers::default()
@@ -398,6 +423,7 @@ mod tests {
             dst: 0x2000,
             len: 0x30,
             pattern: 0xabcd,
+            pasid: None,
         };
         assert_eq!(e, WriteEffect::Start(op));
         assert_eq!(r.status(), Status::Busy);
@@ -450,6 +476,56 @@ mod tests {
             wr(&mut r, CMD, 4, OP_FILL.into()),
             WriteEffect::Start(_)
         ));
+    }
+
+    #[test]
+    fn use_pasid_needs_the_capability_and_a_pasid() {
+        // Without PASIDs (no daemon to translate them): CAPS says so and
+        // USE_PASID is an error.
+        let mut r = Registers::default();
+        assert_eq!(rd(&mut r, CAPS, 4) as u32 & CAP_PASID, 0);
+        wr(&mut r, LEN, 8, 8);
+        wr(&mut r, PASID, 4, 5);
+        assert_eq!(
+            wr(&mut r, CMD, 4, (OP_FILL | CMD_USE_PASID).into()),
+            WriteEffect::None
+        );
+        assert_eq!(r.status(), Status::Error);
+
+        let mut r = Registers::new(true);
+        assert_eq!(rd(&mut r, CAPS, 4), 0b1111);
+        program(&mut r, 0x7f00_0000_1000, 0x7f00_0000_9000, 0x30);
+        // PASID 0 is DMA without PASID: not a PASID operation.
+        wr(&mut r, PASID, 4, 0);
+        assert_eq!(
+            wr(&mut r, CMD, 4, (OP_COPY | CMD_USE_PASID).into()),
+            WriteEffect::None
+        );
+        assert_eq!(r.status(), Status::Error);
+        wr(&mut r, PASID, 4, 0x1_2345);
+        match wr(&mut r, CMD, 4, (OP_COPY | CMD_USE_PASID).into()) {
+            WriteEffect::Start(op) => {
+                assert_eq!(
+                    (op.pasid, op.src, op.len),
+                    (Some(0x1_2345), 0x7f00_0000_1000, 0x30)
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        r.finish(&Outcome {
+            done_bytes: 0x30,
+            result: 0,
+            fault: None,
+        });
+        // Without USE_PASID the same registers make a PASID-less operation.
+        match wr(&mut r, CMD, 4, OP_FILL.into()) {
+            WriteEffect::Start(op) => assert_eq!(op.pasid, None),
+            other => panic!("{other:?}"),
+        }
+        // Reset keeps the capability, clears the PASID.
+        r.reset();
+        assert_eq!(rd(&mut r, CAPS, 4), 0b1111);
+        assert_eq!(rd(&mut r, PASID, 4), 0);
     }
 
     #[test]

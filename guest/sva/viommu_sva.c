@@ -295,6 +295,11 @@ module_param(dma_timeout_ms, uint, 0644);
 MODULE_PARM_DESC(dma_timeout_ms,
 		 "Default wait for a DMA test device operation (ms)");
 
+static unsigned int prq_hold_ms;
+module_param(prq_hold_ms, uint, 0644);
+MODULE_PARM_DESC(prq_hold_ms,
+		 "Test knob: wait this long before handling each page request (ms), to keep requests open");
+
 /* Ranges at least this large are invalidated as a whole PASID */
 #define SVA_INVAL_PASID_THRESHOLD	(1UL << 30)
 /* Small requests come from a mempool, so that INVALIDATE works in atomic context */
@@ -1803,6 +1808,8 @@ static void sva_prq_work(struct work_struct *work)
 		sdev->prq_count--;
 		spin_unlock_irqrestore(&sdev->prq_lock, flags);
 
+		if (READ_ONCE(prq_hold_ms))
+			msleep(READ_ONCE(prq_hold_ms));
 		sva_handle_event(sdev, &ent);
 		cond_resched();
 	}

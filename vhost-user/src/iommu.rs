@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use viommu::{
     config::ConfigError,
     device::PasidOp,
@@ -318,9 +318,17 @@ impl Iommu {
             return Err(PasidError::Disabled);
         };
         let mut m = shared.lock();
+        // Logged like the model logs ATTACH_TABLE and DETACH_TABLE, so the
+        // log tells the life of a guest PASID (refusals are logged with
+        // the request's status).
         match op {
-            PasidOp::Alloc { min, max } => m.alloc(min, max),
-            PasidOp::Free { pasid } => m.free(pasid).map(|()| 0),
+            PasidOp::Alloc { min, max } => m.alloc(min, max).inspect(|pasid| {
+                debug!("PASID_ALLOC [{min}, {max}]: PASID {pasid}");
+            }),
+            PasidOp::Free { pasid } => m.free(pasid).map(|()| {
+                debug!("PASID_FREE PASID {pasid}");
+                0
+            }),
         }
     }
 

@@ -36,27 +36,37 @@ pub fn parse_u64(s: &str) -> Result<u64, ParseError> {
         Some(hex) => (hex, 16),
         None => (t, 10),
     };
-    // `_` only between digits: not leading, not trailing, not alone.
-    if digits.is_empty() || digits.starts_with('_') || digits.ends_with('_') {
+    // Digits and `_` only, `_` only between digits: not leading, not
+    // trailing, not alone. Checked here rather than left to
+    // `from_str_radix`, which takes a leading `+` and reports an overflow
+    // before the garbage that follows it.
+    if digits.is_empty()
+        || digits.starts_with('_')
+        || digits.ends_with('_')
+        || !digits.chars().all(|c| c == '_' || c.is_digit(radix))
+    {
         return Err(ParseError::NotANumber(s.to_string()));
     }
     let clean: String = digits.chars().filter(|&c| c != '_').collect();
-    u64::from_str_radix(&clean, radix).map_err(|e| match e.kind() {
-        std::num::IntErrorKind::PosOverflow => ParseError::TooLarge {
-            text: s.to_string(),
-            bits: 64,
-        },
-        _ => ParseError::NotANumber(s.to_string()),
+    // Only valid digits are left: the one possible failure is overflow.
+    u64::from_str_radix(&clean, radix).map_err(|_| ParseError::TooLarge {
+        text: s.to_string(),
+        bits: 64,
     })
 }
 
 /// Parses a `u32` like [`parse_u64`].
 pub fn parse_u32(s: &str) -> Result<u32, ParseError> {
-    let v = parse_u64(s)?;
-    u32::try_from(v).map_err(|_| ParseError::TooLarge {
+    let too_large = || ParseError::TooLarge {
         text: s.to_string(),
         bits: 32,
-    })
+    };
+    match parse_u64(s) {
+        Ok(v) => u32::try_from(v).map_err(|_| too_large()),
+        // Too large for 64 bits is too large for the 32 asked for.
+        Err(ParseError::TooLarge { .. }) => Err(too_large()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Parses an inclusive range `A-B` (A <= B) of `u32`s.
@@ -98,6 +108,40 @@ mod tests {
             parse_u32("4294967296"),
             Err(ParseError::TooLarge { bits: 32, .. })
         ));
+    }
+
+    /// Found by the `endpoints` fuzz target: `from_str_radix` took a sign
+    /// (`--endpoints +5` was endpoint 5, `0x+ff` was 255), a long run of
+    /// digits followed by garbage was called too large, and a `u32` too
+    /// large for 64 bits was reported as not fitting in 64 bits.
+    #[test]
+    fn signs_are_refused_and_garbage_is_not_a_number() {
+        for bad in ["+1", "+0x1", "0x+ff", "0X+F", "+_1", "0x+_f", "+"] {
+            let e = parse_u64(bad).unwrap_err();
+            assert!(matches!(e, ParseError::NotANumber(_)), "{bad}: {e}");
+        }
+        for bad in [
+            "99999999999999999999x",
+            "0xfffffffffffffffffz",
+            "1_000_000_000_000_000_000_000+",
+        ] {
+            let e = parse_u64(bad).unwrap_err();
+            assert!(matches!(e, ParseError::NotANumber(_)), "{bad}: {e}");
+        }
+        assert!(matches!(
+            parse_u64("99999999999999999999"),
+            Err(ParseError::TooLarge { bits: 64, .. })
+        ));
+        // A u32 too large for 64 bits is reported against 32.
+        assert!(matches!(
+            parse_u32("99999999999999999999"),
+            Err(ParseError::TooLarge { bits: 32, .. })
+        ));
+        assert!(matches!(
+            parse_u32_range("+1-2"),
+            Err(ParseError::NotANumber(_))
+        ));
+        assert!("+5".parse::<crate::config::EndpointSet>().is_err());
     }
 
     #[test]

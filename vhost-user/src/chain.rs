@@ -7,6 +7,10 @@
 //! model treats as trailing bytes it ignores). The device-writable part is
 //! remembered as a list of guest segments so the status can be written in
 //! its last four bytes, however the driver split it.
+//!
+//! Public (the backend is its only user in the daemon) so that the fuzz
+//! target `chain` (`fuzz/`) can drive [`Request::gather`] and
+//! [`Request::write_at`] with hostile descriptor chains.
 
 use std::ops::Deref;
 
@@ -96,6 +100,7 @@ pub struct Request {
 }
 
 impl Request {
+    /// An empty request with room for [`MAX_READABLE`] readable bytes.
     pub fn new() -> Self {
         Request {
             readable: Vec::with_capacity(MAX_READABLE),

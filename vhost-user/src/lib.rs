@@ -5,7 +5,7 @@
 
 pub mod args;
 pub mod backend;
-pub(crate) mod chain;
+pub mod chain;
 pub(crate) mod control;
 pub mod ctl;
 pub mod daemon;

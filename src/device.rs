@@ -690,6 +690,20 @@ impl Viommu {
         self.cancel_groups(|p| p.cancel_all(cause));
     }
 
+    /// The frontend went away: the guest's page requests are answered
+    /// INVALID and every (endpoint, PASID) binding is removed (its PASID
+    /// reference given back through `refs`), so no PASID stays held, and
+    /// no table is walked, for a VM that may be gone. Domains, their
+    /// mappings and tables bound without PASID stay, for a frontend that
+    /// reconnects.
+    pub fn frontend_lost(&mut self, refs: &mut dyn PasidRefs) {
+        self.cancel_groups(|p| p.cancel_all(AutoCause::FrontendLost));
+        let bound: Vec<(u32, u32)> = self.bindings.keys().copied().collect();
+        for (endpoint, pasid) in bound {
+            self.unbind(endpoint, pasid, refs);
+        }
+    }
+
     /// `source` can take no answer any more: its groups are dropped
     /// unanswered and their PASID references given back through `refs`.
     pub fn page_request_source_gone(&mut self, source: SourceId, refs: &mut dyn PasidRefs) {

@@ -392,3 +392,27 @@ fn a_subscriber_receives_table_events_with_what_nesting_needs() {
         "{replay:?}"
     );
 }
+
+#[test]
+fn a_lost_frontend_ends_every_pasid_binding_and_gives_its_pasid_back() {
+    let d = Daemon::start(&[]);
+    let mut g = Guest::connect(&d.socket, GuestOptions::default());
+    let arena = TableArena::new(&g.mem, TABLES, TABLES_END);
+    let t = X86Table::new(&arena, 4);
+    let pasid = alloc_pasid(&mut g);
+    assert_eq!(
+        g.attach_table_vtd(100, EP, pasid, t.root, t.addr_width()),
+        VIRTIO_IOMMU_S_OK
+    );
+    assert_eq!(g.attach(1, EP2), VIRTIO_IOMMU_S_OK);
+    let refs = |d: &Daemon| d.ctl(&["pasids"])["pasids"][0]["refs"].clone();
+    assert_eq!(refs(&d), 2, "the owner's and the binding's");
+    drop(g);
+    d.wait_for(
+        || d.ctl(&["pasid-tables"])["tables"] == serde_json::json!([]),
+        "the binding to go with the frontend",
+    );
+    assert_eq!(refs(&d), 1, "the binding's reference was given back");
+    // Domains and mappings stay for a frontend that reconnects.
+    assert_eq!(d.ctl(&["endpoints"])["endpoints"][0]["id"], EP2);
+}

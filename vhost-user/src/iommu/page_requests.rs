@@ -341,11 +341,16 @@ impl Iommu {
     }
 
     /// The frontend went away: the guest cannot answer what it was sent,
-    /// so every group is answered INVALID now.
+    /// so every group is answered INVALID now, and its PASID bindings go
+    /// (`Viommu::frontend_lost`).
     pub(crate) fn frontend_lost(&self) {
+        // In order: the model stops translating through the bindings,
+        // the clients drop what they cached, then the references go.
+        let mut refs = self.binding_refs();
         let mut model = self.model_mut();
-        model.cancel_page_requests(AutoCause::FrontendLost);
+        model.frontend_lost(&mut refs);
         self.publish(model);
+        refs.finish();
     }
 }
 

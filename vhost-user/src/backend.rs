@@ -325,10 +325,22 @@ impl IommuBackend {
         // of removed bindings given back.
         self.iommu.publish(model);
         refs.finish();
-        for &(head, len) in &rq.used {
-            vring.add_used(head, len).map_err(io::Error::other)?;
-        }
-        if vring.needs_notification().map_err(io::Error::other)? {
+        // The whole batch under one lock of the ring, through the memory
+        // guard already held (`VringT::add_used` locks and loads the
+        // memory map again for every request).
+        let notify = {
+            let mut ring = vring.get_mut();
+            let queue = ring.get_queue_mut();
+            for &(head, len) in &rq.used {
+                queue
+                    .add_used(&*guard, head, len)
+                    .map_err(io::Error::other)?;
+            }
+            queue
+                .needs_notification(&*guard)
+                .map_err(io::Error::other)?
+        };
+        if notify {
             vring.signal_used_queue()?;
         }
         Ok(())

@@ -1249,7 +1249,8 @@ impl Viommu {
         let phys = req.phys_start.to_native();
         let flags = req.flags.to_native();
         let known = known_map_flags(self.acked);
-        let Some(domain) = self.domains.get(&domain_id) else {
+        // One lookup for the checks and the insertion.
+        let Some(domain) = self.domains.get_mut(&domain_id) else {
             return Err(RequestError::NoSuchDomain(domain_id));
         };
         if flags & !known != 0 {
@@ -1285,9 +1286,7 @@ impl Viommu {
             phys_start: phys,
             flags,
         };
-        if let Some(domain) = self.domains.get_mut(&domain_id) {
-            domain.mappings.insert(mapping);
-        }
+        domain.mappings.insert(mapping);
         self.record(StateChange::Map {
             domain: domain_id,
             mapping,

@@ -153,7 +153,12 @@ fn no_stale_translation_under_concurrent_translate_traffic() {
                         assert_eq!(gpa, page(e), "stale translation: epoch {e} used {gpa:#x}");
                         hits += 1;
                     }
-                    Err(Error::Fault(_)) => faults += 1,
+                    // Unmapped, or remapped again and again while the
+                    // answer was on its way (three spinning threads and
+                    // the guest on a small host: a round trip can take a
+                    // scheduler slice, as long as the guest's remap
+                    // cycle). Neither used a stale translation.
+                    Err(Error::Fault(_) | Error::Unstable) => faults += 1,
                     Err(e) => panic!("{e}"),
                 }
             }

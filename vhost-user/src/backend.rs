@@ -264,13 +264,8 @@ impl IommuBackend {
         }
     }
 
-    /// Polls the avail index for up to the poll interval, yielding the CPU
-    /// between looks: the threads the next request waits for (the control
-    /// server answering a device model, a client acknowledging) may need
-    /// this CPU, and on a small host a pure spin kept them off it for the
-    /// whole interval (a guest UNMAP with one caching client took 61-109
-    /// us instead of 25 on two CPUs). Returns true as soon as a new
-    /// request is there.
+    /// Spins on the avail index for up to the poll interval. Returns true
+    /// as soon as a new request is there.
     fn poll_for_requests(&self, vring: &VringRwLock, mem: &Mem) -> bool {
         let poll = self.iommu.options().poll;
         if poll.is_zero() {
@@ -291,7 +286,7 @@ impl IommuBackend {
             if Instant::now() >= deadline {
                 return false;
             }
-            std::thread::yield_now();
+            std::hint::spin_loop();
         }
     }
 

@@ -371,10 +371,7 @@ impl Lease {
         // reference machine: every cache hit reads it); its granularity
         // (a scheduler tick) must be small against the timeout.
         let coarse = ClockId::MonotonicCoarse;
-        let res = clock_getres(coarse);
-        let res = (res.tv_sec as u64)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(res.tv_nsec as u64);
+        let res = nanos(clock_getres(coarse));
         let half = ack_timeout.as_nanos() as u64 / 2;
         let (clock, ttl_ns) = if res.saturating_mul(8) <= half {
             (coarse, half - 2 * res)
@@ -390,10 +387,7 @@ impl Lease {
 
     #[inline]
     fn now(&self) -> u64 {
-        let t = clock_gettime(self.clock);
-        (t.tv_sec as u64)
-            .wrapping_mul(1_000_000_000)
-            .wrapping_add(t.tv_nsec as u64)
+        nanos(clock_gettime(self.clock))
     }
 
     #[inline]
@@ -406,6 +400,14 @@ impl Lease {
     fn renew_every(&self) -> Duration {
         Duration::from_nanos(self.ttl_ns / 2).max(Duration::from_millis(1))
     }
+}
+
+/// A clock reading or resolution in nanoseconds.
+#[inline]
+fn nanos(t: rustix::time::Timespec) -> u64 {
+    (t.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(t.tv_nsec as u64)
 }
 
 struct Shared {
